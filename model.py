@@ -1,0 +1,307 @@
+"""
+GPT-2 in one file: the model, its loss (masked or not), and KV-cache generation.
+
+Module names are GPT-2's own (transformer.wte, transformer.h.N.attn.c_attn, ...) so that converting a Hugging
+Face checkpoint is a plain key map (convert_hf.py). Two flags live on the model rather than in hooks:
+- use_bos_zero_training: the input at absolute position 0 (token + position embedding) is multiplied by
+  bos_scaling_factor, in training, evaluation and generation alike (the KV cache never rescales a new token);
+- the explicit attention path (attn_out=[]): attention weights are computed by hand and handed back, because the
+  fused SDPA kernel returns none. Used by evaluate.py --attention; training always takes the fused kernel.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # the longest sequence the model reads (learned position embeddings)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls, pad rows never used
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches; 0 for pretraining small models
+    bias: bool = True  # biases in Linear and LayerNorm like GPT-2; False is slightly better and faster
+    use_bos_zero_training: bool = False  # scale the input at absolute position 0 by bos_scaling_factor
+    bos_scaling_factor: float = 0.01  # in [0, 1]; 1.0 is the same as the flag off; 0.0 is allowed and stable
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's nn.LayerNorm cannot drop just the bias)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation: k, v are (n_layer, B, nh, T_max, hs).
+    `pos` counts the tokens already cached; GPT.forward advances it after the last layer."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size):
+        self.shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = self.v = None  # allocated on first use, in the dtype the attention computes in (bf16 under autocast)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store this step's (B, nh, T, hs) keys/values at [pos, pos+T) and return all of them so far."""
+        if self.k is None:
+            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, kv_cache=None, layer=0, attn_out=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
+        Tk = k.size(2)
+        if attn_out is not None:
+            # explicit path: the same causal attention, written out so its weights can be returned
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
+            causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+            att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
+            attn_out.append(att.detach())
+            y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            if Tk == T:  # whole sequence at once: training, evaluation, prefill
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            elif T == 1:  # one new token attends to everything cached: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:  # a chunk after a cached prefix: query i sees keys up to Tk - T + i
+                causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation; keep it for exact parity
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0, attn_out=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, attn_out)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def cross_entropy_loss(logits, targets, loss_mask=None, reduction="mean"):
+    """Cross-entropy over (B, T, V) logits, optionally masked: sum(mask * ce) / sum(mask).
+    reduction="sum" returns sum(mask * ce) alone, for train.py to divide by the mask count of the whole optimizer
+    step (all micro-steps, all ranks). A window with no mask-1 target gives 0 (not NaN) and no gradient.
+    Targets of -1 are ignored, as in nanoGPT."""
+    ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+    weight = (targets.reshape(-1) != -1).float()
+    if loss_mask is not None:
+        weight = weight * loss_mask.reshape(-1).float()
+    total = (ce * weight).sum()
+    if reduction == "sum":
+        return total
+    return total / weight.sum().clamp(min=1.0)
+
+
+def scale_first_position(x, factor):
+    """BOS zero training: multiply the (B, T, C) input at position 0 by factor, leave the rest as is. A product
+    with a constant (not an in-place write) so autograd, DDP and torch.compile see ordinary tensor ops, and a
+    factor of 0.0 simply gives position 0 a zero input (its LayerNorm then sees only its bias: finite)."""
+    scale = torch.ones(x.size(1), 1, dtype=x.dtype, device=x.device)
+    scale[0] = factor
+    return x * scale  # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=False):
+        """Parameters counted once (the tied wte/lm_head matrix once). non_embedding drops wpe and wte."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+        return n
+
+    def embed(self, idx, start_pos=0):
+        """Token + position embedding of (B, T) ids starting at absolute position start_pos -> (B, T, C)."""
+        T = idx.size(1)
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than the model's block_size "
+                             f"{self.config.block_size}")
+        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        if self.config.use_bos_zero_training and start_pos == 0:
+            x = scale_first_position(x, self.config.bos_scaling_factor)  # only ever absolute position 0
+        return self.transformer.drop(x)
+
+    def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, attn_out=None, last_only=False,
+                loss_reduction="mean"):
+        """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only (generation).
+        loss is None without targets; with loss_mask (B, T) only mask-1 targets count.
+        kv_cache: a KVCache to read from and extend. attn_out: a list that receives each layer's (B, nh, T, Tk)
+        attention weights through the explicit path."""
+        start = kv_cache.pos if kv_cache is not None else 0
+        x = self.embed(idx, start)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, i, attn_out)
+        if kv_cache is not None:
+            kv_cache.pos += idx.size(1)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, [-1], :]  # only the last position's logits are needed to sample: skip the rest of lm_head
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = cross_entropy_loss(logits, targets, loss_mask, loss_reduction)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. fine-tune GPT-2's 1024 at 256): keep the first block_size position rows."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and norms.
+        Only parameters that require grad are optimised (LoRA freezes the rest)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"  # the fused CUDA kernel is faster; not available on CPU
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def estimate_mfu(self, tokens_per_second, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (PaLM appendix B formula)."""
+        cfg = self.config
+        N = self.get_num_params()
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        return flops_per_token * tokens_per_second / peak_flops
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+                        generator=None, use_kv_cache=True):
+        """Yield the next token of every row, (B,), one step at a time, until max_new_tokens or until every row has
+        produced one of stop_tokens. With the KV cache the prompt is read once (prefill) and each step feeds one
+        token; without it every step recomputes the whole window (the reference the cache is tested against).
+        A prompt longer than block_size is cropped to its last block_size - 1 tokens; when the cache is full the
+        last block_size // 2 tokens are re-read (a sliding window), so generation can run past block_size."""
+        B = idx.size(0)
+        bs = self.config.block_size
+        if idx.size(1) >= bs:
+            idx = idx[:, -(bs - 1):]
+        buf = torch.empty(B, idx.size(1) + max_new_tokens, dtype=torch.long, device=idx.device)  # no per-step cat
+        buf[:, :idx.size(1)] = idx
+        n = idx.size(1)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = None
+        for step in range(max_new_tokens):
+            if not use_kv_cache:
+                logits, _ = self(buf[:, max(0, n - bs):n], last_only=True)
+            elif cache is None or cache.pos >= bs:  # (re-)prefill: first step, or the window is full
+                ctx = buf[:, max(0, n - (bs // 2 if cache is not None else bs)):n]
+                cache = KVCache(self.config.n_layer, B, self.config.n_head, bs, self.config.n_embd // self.config.n_head)
+                logits, _ = self(ctx, kv_cache=cache, last_only=True)
+            else:
+                logits, _ = self(buf[:, n - 1:n], kv_cache=cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            buf[:, n] = nxt
+            n += 1
+            yield nxt
+            if len(stop_tokens):
+                done |= torch.isin(nxt, stop)
+                if bool(done.all()):
+                    return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """Like nanoGPT's generate: returns (B, T + n) ids, prompt included (n < max_new_tokens if all rows stop)."""
+        out = [idx] + [t[:, None] for t in self.generate_stream(idx, max_new_tokens, **kwargs)]
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, V) logits. temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        drop = cum - F.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
