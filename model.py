@@ -221,6 +221,15 @@ class GPT(nn.Module):
             loss = cross_entropy_loss(logits, targets, loss_mask, loss_reduction)
         return logits, loss
 
+    def set_dropout(self, p):
+        """Change the dropout of every layer (fine-tuning with other settings than the base was trained with)."""
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
+
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. fine-tune GPT-2's 1024 at 256): keep the first block_size position rows."""
         assert block_size <= self.config.block_size

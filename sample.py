@@ -1,0 +1,147 @@
+"""
+Sample from a trained model, or chat with it.
+
+    python sample.py                                        # the model trained last, from the start of a document
+    python sample.py --model_name chat_tiny --prompt "Say hello to Ada."   # a chat model answers one turn
+    python sample.py --model_name chat_tiny --chat --system "Be brief."    # interactive chat with history
+    python sample.py --model_name base_tiny --prompt "ROMEO:" --num_samples 3 --max_new_tokens 200 --top_k 50
+
+Tokens stream as they are generated (KV-cache decoding). A model trained with BOS zero training is sampled with the
+same first-position scaling; --no_bos_scaling / --bos_scaling_factor X override it.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from checkpoint import CheckpointError, latest_model_name, load_model
+from tokenizer import ROLE_MARKERS, chat_prompt
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name", default=None, help="model in checkpoints/ (default: the one trained last)")
+    p.add_argument("--out_dir", default="checkpoints")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help="ckpt.pt or best.pt")
+    p.add_argument("--prompt", default="", help="text to continue; for a chat model, the user's message")
+    p.add_argument("--chat", action="store_true", help="interactive chat (history kept; 'quit' or Ctrl-D to end)")
+    p.add_argument("--system", default=None, help="system prompt for chat")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no_bos_scaling", action="store_true", help="sample a BOS-zero model without the scaling")
+    p.add_argument("--bos_scaling_factor", type=float, default=None, help="override the checkpoint's factor")
+    return p.parse_args(argv)
+
+
+class Sampler:
+    """A loaded model + tokenizer with the settings to generate from it (used by sample.py and evaluate.py)."""
+
+    def __init__(self, model, tok, ckpt, device):
+        self.model, self.tok, self.device = model.eval(), tok, device
+        self.is_chat = ckpt.get("data_format") == "chat"
+
+    def stream(self, ids, max_new_tokens, stop_at_eot, out=None, **kw):
+        """Generate after `ids` for one sample, writing text to `out` as it comes; returns the generated text.
+        Stops at the end-of-text token (the end of an assistant turn) when stop_at_eot, and, for chat, also when the
+        model starts a new user turn on its own (that text is cut)."""
+        bs = self.model.config.block_size
+        if len(ids) >= bs:
+            print(f"[notice: prompt of {len(ids)} tokens cropped to the last {bs - 1} (block_size {bs})]", file=sys.stderr)
+            ids = ids[-(bs - 1):]
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        stops = (self.tok.eot_token,) if stop_at_eot else ()
+        new, shown = [], ""
+        for t in self.model.generate_stream(x, max_new_tokens, stop_tokens=stops, **kw):
+            t = int(t[0])
+            if t == self.tok.eot_token and stop_at_eot:
+                break
+            new.append(t)
+            text = self.tok.decode(new)
+            if self.is_chat and ROLE_MARKERS["user"] in text:  # the model began the user's next turn: cut it
+                text = text[:text.index(ROLE_MARKERS["user"])]
+                if out:
+                    out.write(text[len(shown):]), out.flush()
+                return text.rstrip("\n")
+            if out and not text.endswith("\ufffd"):  # hold back half a multi-byte character
+                out.write(text[len(shown):]), out.flush()
+                shown = text
+        text = self.tok.decode(new)
+        if out:
+            out.write(text[len(shown):]), out.flush()
+        return text
+
+    def reply(self, turns, max_new_tokens=200, out=None, **kw):
+        """The assistant's next turn after [(role, content), ...], rendered with the training chat template."""
+        return self.stream(chat_prompt(self.tok, turns), max_new_tokens, stop_at_eot=True, out=out, **kw).strip()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        name = args.model_name or latest_model_name(args.out_dir)
+        if name is None:
+            raise CheckpointError(f"no trained model in {args.out_dir}/: train one first, e.g. "
+                                  f"python train.py --config_file configs/tiny_sft.json")
+        if not args.model_name:
+            print(f"[sampling from '{name}', the model trained last; choose another with --model_name]", file=sys.stderr)
+        model, tok, ckpt = load_model(name, args.out_dir, device, prefer="best.pt" if args.checkpoint == "best" else "ckpt.pt")
+        if args.bos_scaling_factor is not None:
+            if not 0.0 <= args.bos_scaling_factor <= 1.0:
+                raise ValueError(f"--bos_scaling_factor {args.bos_scaling_factor} must lie in [0, 1]")
+            model.config.use_bos_zero_training = True
+            model.config.bos_scaling_factor = args.bos_scaling_factor
+        if args.no_bos_scaling:
+            model.config.use_bos_zero_training = False
+        if args.num_samples < 1 or args.max_new_tokens < 1:
+            raise ValueError("--num_samples and --max_new_tokens must be >= 1")
+    except (CheckpointError, ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
+
+    sampler = Sampler(model, tok, ckpt, device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
+    if model.config.use_bos_zero_training:
+        print(f"[BOS zero: position 0 scaled by {model.config.bos_scaling_factor}]", file=sys.stderr)
+
+    if args.chat:
+        turns = [("system", args.system)] if args.system else []
+        print("chat with the model ('quit' or Ctrl-D to end)", file=sys.stderr)
+        while True:
+            try:
+                user = input("\nyou> ").strip()
+            except EOFError:
+                break
+            if user in ("quit", "exit"):
+                break
+            if not user:
+                continue
+            turns.append(("user", user))
+            sys.stdout.write("model> ")
+            answer = sampler.reply(turns, args.max_new_tokens, out=sys.stdout, **kw)
+            sys.stdout.write("\n")
+            turns.append(("assistant", answer))
+        return
+
+    for i in range(args.num_samples):
+        if sampler.is_chat and args.prompt:  # one chat turn
+            turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+            ids = chat_prompt(tok, turns)
+            stop = True
+        else:
+            ids = [tok.eot_token] + tok.encode(args.prompt)  # BOS first: how every document began in training
+            stop = False
+            sys.stdout.write(args.prompt)
+        sampler.stream(ids, args.max_new_tokens, stop_at_eot=stop, out=sys.stdout, **kw)
+        sys.stdout.write("\n" + ("-" * 40 + "\n" if args.num_samples > 1 else ""))
+
+
+if __name__ == "__main__":
+    main()
