@@ -183,6 +183,36 @@ def xgblora_due(iter_num, cfg, steps_per_epoch):
     return iter_num % every == 0
 
 
+def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=None, optimizer=None, ddp=False, world=1):
+    """The micro-steps of one optimizer step. Leaves in .grad the gradient of sum(mask * ce) / sum(mask) taken over
+    every target of every micro-batch on every rank, so gradient accumulation (and DDP) equals one big batch
+    exactly, masked or not; returns that loss. Each micro-step backpropagates its *sum*; the division by the global
+    count happens once at the end (a window with no mask-1 target adds 0 and no gradient)."""
+    batches = iter(batches)
+    batch = next(batches)
+    loss_sum_total = count_total = 0.0
+    while batch is not None:
+        following = next(batches, None)  # look ahead: under DDP only the last micro-step all-reduces the grads
+        with model.no_sync() if (ddp and following is not None) else nullcontext():
+            with ctx:
+                _, loss_sum = model(batch[0], batch[1], batch[2] if use_loss_mask else None, loss_reduction="sum")
+            (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
+        count_total = count_total + (batch[2].sum().float() if use_loss_mask else float(batch[1].numel()))
+        loss_sum_total = loss_sum_total + loss_sum.detach().float()
+        batch = following
+    stats = torch.stack([torch.as_tensor(x, dtype=torch.float32).reshape(()) for x in (loss_sum_total, count_total)])
+    stats = stats.to(next(model.parameters()).device)
+    if ddp:
+        dist.all_reduce(stats)
+    count = stats[1].clamp(min=1.0)
+    if scaler is not None and optimizer is not None:
+        scaler.unscale_(optimizer)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(world / count)  # DDP averaged the grads over ranks: undo that, divide by the global count
+    return (stats[0] / count).item()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # metrics
 
@@ -194,8 +224,7 @@ class MetricsLog:
         self.png = os.path.join(folder, "loss.png")
         self.enabled = enabled
         if enabled and os.path.exists(self.path):  # resume: drop what came after the checkpoint we go on from
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) < start_iter]
+            kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("iter", 0) <= start_iter]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -214,8 +243,7 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        with open(self.path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_metrics(self.path)
         fig, ax = plt.subplots(figsize=(7, 4))
         tr = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
         if tr:
@@ -229,6 +257,18 @@ class MetricsLog:
         fig.savefig(self.png + ".tmp.png", dpi=100)
         plt.close(fig)
         os.replace(self.png + ".tmp.png", self.png)
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl; a line cut short by a killed process is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
 
 
 def fmt_time(s):
@@ -339,6 +379,9 @@ def train(cfg, log=print):
     # --- bookkeeping ---
     if master:
         os.makedirs(folder, exist_ok=True)
+        for fname in os.listdir(folder):  # temp files of a save that a killed process never finished
+            if ".tmp" in fname:
+                os.remove(os.path.join(folder, fname))
         with open(os.path.join(folder, "config.json.tmp"), "w") as f:
             json.dump(config_dict(cfg), f, indent=2)
         os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
@@ -415,7 +458,9 @@ def train(cfg, log=print):
             for g in optimizer.param_groups:
                 g["lr"] = lr
 
-        if cfg.eval_interval and iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+        resumed_here = resume and iter_num == start_iter  # this evaluation and save happened before the restart
+        saved = False
+        if (cfg.eval_interval and iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not resumed_here:
             t_eval = time.time()
             losses = evaluate()
             last_losses = losses
@@ -424,14 +469,16 @@ def train(cfg, log=print):
             metrics.plot()
             is_best = losses["val"] < best_val
             best_val = min(best_val, losses["val"])
-            if iter_num > start_iter or not resume:
-                save(best=is_best)
+            save(best=is_best)
+            saved = True
             t0 += time.time() - t_eval  # keep evaluation and saving out of the tokens/s figure
         elif cfg.checkpoint_interval and iter_num % cfg.checkpoint_interval == 0 and iter_num > start_iter:
             save()
+            saved = True
         if iter_num >= cfg.max_iters or stop_signal:
-            if stop_signal and not (cfg.eval_interval and iter_num % cfg.eval_interval == 0):
-                save()
+            if stop_signal:
+                if not saved:
+                    save()
                 log(f"stopped by signal {stop_signal[0]} at iteration {iter_num}; checkpoint saved to {ckpt_path}")
             break
 
@@ -444,29 +491,8 @@ def train(cfg, log=print):
                                           seed=cfg.seed * 1_000_003 + iter_num, use_loss_mask=cfg.use_loss_mask)
             step_ok = math.isfinite(loss_value)
         else:
-            loss_sum_total = torch.zeros((), device=device)
-            count_total = torch.zeros((), device=device)
-            for micro in range(cfg.gradient_accumulation_steps):
-                batch = train_loader.get_batch()
-                last = micro == cfg.gradient_accumulation_steps - 1
-                sync = nullcontext() if (not ddp or last) else model.no_sync()  # all-reduce grads once per step
-                with sync:
-                    with ctx:
-                        _, loss_sum = model(batch[0], batch[1], batch[2] if cfg.use_loss_mask else None, loss_reduction="sum")
-                    scaler.scale(loss_sum).backward()
-                count_total += batch[2].sum() if cfg.use_loss_mask else batch[1].numel()
-                loss_sum_total += loss_sum.detach().float()
-            # normalise by the number of (masked) targets of the whole step, on every rank: the accumulated step
-            # then equals one big batch. DDP has averaged the grads over ranks, hence * world.
-            stats = torch.stack([loss_sum_total, count_total])
-            if ddp:
-                dist.all_reduce(stats)
-            count = stats[1].clamp(min=1.0)
-            scaler.unscale_(optimizer)
-            for p in raw_model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(world / count)
-            loss_value = (stats[0] / count).item()
+            batches = (train_loader.get_batch() for _ in range(cfg.gradient_accumulation_steps))  # fetched lazily
+            loss_value = forward_backward(model, batches, cfg.use_loss_mask, ctx, scaler, optimizer, ddp, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
             step_ok = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
             if step_ok:
