@@ -17,6 +17,7 @@ import zipfile
 
 import torch
 
+import lora
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -94,8 +95,6 @@ def latest_model_name(out_dir="checkpoints"):
 def build_model(ckpt, out_dir="checkpoints", device="cpu"):
     """Rebuild the GPT a checkpoint describes, with its weights (LoRA adapters placed on their base).
     Returns the model (LoRA layers left unmerged, so training can go on)."""
-    import lora  # below checkpoint in the import order? no: lora is above; imported here to keep the top light
-
     args = dict(ckpt["model_args"])
     base = ckpt.get("base")
     if base:  # adapters-only checkpoint: rebuild the base first
@@ -109,11 +108,10 @@ def build_model(ckpt, out_dir="checkpoints", device="cpu"):
     if ckpt.get("lora"):
         lora.apply_lora(model, **ckpt["lora"])
     state = ckpt["model"]
-    missing, unexpected = model.load_state_dict(state, strict=not base)
-    if base:
-        unexpected = [k for k in unexpected]
-        if unexpected:
-            raise CheckpointError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")
+    # an adapters-only checkpoint holds just the LoRA tensors: the base's weights are "missing" by design
+    _, unexpected = model.load_state_dict(state, strict=not base)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has tensors the model lacks: {', '.join(unexpected[:5])}")
     return model.to(device)
 
 

@@ -51,7 +51,6 @@ class LoRALinear(nn.Linear):
                                                                       device=base.weight.device)))
             setattr(self, f"lora_B{suffix}", nn.Parameter(torch.empty(end - start, rank, dtype=base.weight.dtype,
                                                                       device=base.weight.device)))
-        self.merged = False  # True while the adapters are folded into self.weight (forward then skips them)
         self.reset_lora()
 
     def adapters(self):
@@ -63,12 +62,14 @@ class LoRALinear(nn.Linear):
         return out
 
     def reset_lora(self):
-        """A as nn.Linear initialises its weight (kaiming-uniform, a=sqrt(5); peft does the same), B zero: the
-        adapter starts as an exact no-op but with a non-zero gradient for B."""
+        """Fresh adapters: A as nn.Linear initialises its weight (kaiming-uniform, a=sqrt(5); peft does the same),
+        B zero, so the adapter starts as an exact no-op but with a non-zero gradient for B. A merged adapter stays
+        folded into the weight for good (XGBLoRA's merge-then-reinit): the fresh one is live, so merged = False."""
         with torch.no_grad():
             for A, B, _, _ in self.adapters():
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
                 nn.init.zeros_(B)
+        self.merged = False  # True while the adapters are folded into self.weight (forward then skips them)
 
     def delta_weight(self, A, B):
         """scaling * B @ A: the (rows, in) change this adapter makes to its slice of the weight."""
@@ -159,21 +160,23 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets="all", layers=None):
         wanted.setdefault(path, {})
         if piece is not None:
             wanted[path][t] = piece
-    for name, p in model.named_parameters():
-        if not _is_lora_key(name):
-            p.requires_grad = False  # the base is frozen: only adapters (these, and any placed before) train
-    adapted = []
+    plan = []  # (parent module, attribute, the Linear, slices, name): all checked before anything changes
     for i in layers:
         for path, pieces in wanted.items():
-            parent_path, attr = path.split(".")
-            parent = getattr(blocks[i], parent_path)
+            parent_name, attr = path.split(".")
+            parent = getattr(blocks[i], parent_name)
             base = getattr(parent, attr)
             if isinstance(base, LoRALinear):
                 raise ValueError(f"h.{i}.{path} already has LoRA adapters: call remove_lora(model) first")
-            C = base.out_features // 3
+            C = base.out_features // 3  # q, k, v slices of c_attn (only used when pieces names some)
             slices = {name: (k * C, (k + 1) * C) for name, k in pieces.items()} or None
-            setattr(parent, attr, LoRALinear(base, rank, alpha, dropout, slices))
-            adapted.append(f"h.{i}.{path}")
+            plan.append((parent, attr, base, slices, f"h.{i}.{path}"))
+    for name, p in model.named_parameters():
+        if not _is_lora_key(name):
+            p.requires_grad = False  # the base is frozen: only adapters (these, and any placed before) train
+    for parent, attr, base, slices, _ in plan:
+        setattr(parent, attr, LoRALinear(base, rank, alpha, dropout, slices))
+    adapted = [name for *_, name in plan]
     return adapted
 
 
@@ -218,11 +221,15 @@ def reinit_lora(model):
 
 
 def remove_lora(model):
-    """Merge every adapter and turn each LoRALinear back into a plain nn.Linear, in place: the model's state
-    dict is then a plain GPT's (for export and --merge_lora). requires_grad is left as it was (frozen)."""
-    for name, module in list(model.named_modules()):
+    """Merge every adapter and turn each LoRALinear back into a plain nn.Linear, in place: the model is then a
+    plain GPT, state dict and all (for export, --merge_lora, or a new run on a LoRA model's effective weights).
+    Like a fresh GPT, every parameter requires grad again: apply_lora froze the base, and a full fine-tune
+    started from the merged model must not silently train nothing."""
+    for module in list(model.modules()):
         for attr, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 child.merge()
                 setattr(module, attr, child.to_linear())
+    for p in model.parameters():
+        p.requires_grad = True
     return model

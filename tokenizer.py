@@ -156,7 +156,7 @@ def _gpt2_from_tiktoken():
             "or use --tokenization char") from None
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable unicode characters (vocab.json spells every
     token's bytes with these characters)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -180,7 +180,7 @@ def _gpt2_from_hf_dir(hf_dir):
         raise FileNotFoundError(f"{hf_dir}: no vocab.json + merges.txt to build the GPT-2 tokenizer from")
     with open(vocab_path, encoding="utf-8") as f:
         vocab = json.load(f)
-    byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
     ranks, special = {}, {}
     for token, idx in vocab.items():
         if token == EOT_TEXT:
