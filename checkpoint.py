@@ -101,7 +101,8 @@ def build_model(ckpt, out_dir="checkpoints", device="cpu"):
         model = load_base(base, out_dir)
         if model.config.block_size > args["block_size"]:
             model.crop_block_size(args["block_size"])
-        for k in ("dropout", "use_bos_zero_training", "bos_scaling_factor"):
+        model.set_dropout(args["dropout"])  # into every layer, not just the config: resume must be exact
+        for k in ("use_bos_zero_training", "bos_scaling_factor"):
             setattr(model.config, k, args[k])
     else:
         model = GPT(GPTConfig(**args))
@@ -122,7 +123,9 @@ def load_base(base, out_dir="checkpoints"):
         model, _ = load_hf_gpt2(base["path"])
         return model
     ckpt = load_checkpoint(find_checkpoint(base["name"], out_dir))
-    return build_model(ckpt, out_dir)
+    # a LoRA base is merged, as train.py's --init_from_model does, so the new adapters go on plain Linears.
+    # Footgun: the base is read by name (its ckpt.pt); training that model further changes what these adapters sit on
+    return lora.remove_lora(build_model(ckpt, out_dir))
 
 
 def load_model(name_or_path, out_dir="checkpoints", device="cpu", prefer="ckpt.pt"):

@@ -60,7 +60,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
-    # --- fine-tuning: full | lora | xgblora ---
+    # --- fine-tuning: full | lora | xgblora (xgblora defaults: lora_rank 1, lora_target q,v, as the paper) ---
     finetuning_type: str = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -160,10 +160,17 @@ def validate(cfg, where="config"):
         raise ConfigError(f"{where}: 'gradient_accumulation_steps' must be 1 with trainer 'zo' (MeZO takes one "
                           f"batch per step; raise batch_size instead), got {cfg.gradient_accumulation_steps}")
     if cfg.finetuning_type != "xgblora":
-        for key, default in (("xgblora_steps_per_iteration", 0), ("xgblora_layers_per_iteration", 0)):
+        for key, default in (("xgblora_steps_per_iteration", 0), ("xgblora_layers_per_iteration", 0),
+                             ("xgblora_merge_frequency", 1)):
             if getattr(cfg, key) != default:
                 raise ConfigError(f"{where}: '{key}' only applies with finetuning_type 'xgblora' (got finetuning_type "
                                   f"'{cfg.finetuning_type}'): set finetuning_type to xgblora or drop the key")
+    if cfg.xgblora_steps_per_iteration and cfg.xgblora_merge_frequency != 1:
+        raise ConfigError(f"{where}: 'xgblora_merge_frequency' (merge every N epochs) and 'xgblora_steps_per_iteration' "
+                          f"(merge every N steps) both set: keep one (steps_per_iteration 0 means merge by epochs)")
+    if cfg.merge_lora and cfg.finetuning_type == "full":
+        raise ConfigError(f"{where}: 'merge_lora' needs finetuning_type lora or xgblora (a full fine-tune has no adapters "
+                          f"to merge): drop it")
     if cfg.xgblora_layers_per_iteration > cfg.n_layer and cfg.init_from == "scratch" and not cfg.init_from_model:
         need(False, "xgblora_layers_per_iteration", f"must be <= n_layer ({cfg.n_layer})")
     if cfg.fsdp and cfg.trainer == "zo":
@@ -198,6 +205,9 @@ def load_config(config_file=None, overrides=None):
             if key not in valid:
                 raise ConfigError(f"{where}: unknown config key '{key}'{_closest(key, list(valid))}")
             values[key] = _coerce(key, value, getattr(defaults, key), where)
+    if values.get("finetuning_type") == "xgblora":  # XGBLoRA's own defaults: rank-1 boosters on q and v, as the paper
+        values.setdefault("lora_rank", 1)
+        values.setdefault("lora_target", ["q", "v"])
     cfg = TrainConfig(**values)
     if not cfg.lr_decay_iters:
         cfg.lr_decay_iters = cfg.max_iters

@@ -53,7 +53,7 @@ class Sampler:
         bs = self.model.config.block_size
         if len(ids) >= bs:
             print(f"[notice: prompt of {len(ids)} tokens cropped to the last {bs - 1} (block_size {bs})]", file=sys.stderr)
-            ids = ids[-(bs - 1):]
+            ids = self.model.context_window(torch.tensor([ids]), len(ids), bs - 1)[0].tolist()  # BOS-zero: BOS kept
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         stops = (self.tok.eot_token,) if stop_at_eot else ()
         new, shown = [], ""

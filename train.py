@@ -19,7 +19,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from tokenizer import Tokenizer
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_chat")
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 RESUME_KEYS = ARCH_KEYS + ("block_size", "finetuning_type", "lora_rank", "lora_target", "trainer",
-                           "use_bos_zero_training", "init_from_model")
+                           "use_bos_zero_training", "bos_scaling_factor", "init_from_model")
 
 
 class TrainError(RuntimeError):
@@ -79,6 +79,74 @@ def autocast_context(device_type, dtype):
     if dtype == "float32" or device_type == "mps":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+@contextmanager
+def grad_sync_off(model):
+    """A micro-step that accumulates gradients locally without communicating: the all-reduce (DDP) or
+    reduce-scatter (FSDP) then happens once, on the last micro-step of the optimizer step."""
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)  # FSDP2 (fully_shard) has a switch, not a context manager
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP (fsdp: true under torchrun): parameters, gradients and optimizer state sharded across ranks
+
+def shard_model(model, device_type, world):
+    """Shard the model in place with FSDP2 (fully_shard) and move each rank's shard to its device: the whole model
+    never has to fit on one device. Each block is its own unit (only one block's full weights exist at a time in
+    forward and backward); the root unit keeps the embeddings, ln_f and the tied lm_head together, so the tie
+    survives. Parameters become DTensors: build the optimizer after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device_type, (world,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_model_state(model):
+    """FSDP: the full (unsharded) state dict gathered onto rank 0's CPU; other ranks get {}. Collective: every rank
+    must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer, fsdp):
+    """The optimizer state in torch's usual format (parameters numbered in group order) also under FSDP, so a
+    checkpoint resumes with or without FSDP, on any number of ranks. FSDP: collective; None on ranks other than 0.
+    Footgun: the torch.distributed.checkpoint helpers fill an empty optimizer state with a zero-lr step first, which
+    changes Adam's step count: before the first step the (empty) state is taken as it is."""
+    if not fsdp or not optimizer.state:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    named = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not named:
+        return None
+    ids = {name: i for i, name in enumerate(n for g in named["param_groups"] for n in g["params"])}
+    return {"state": {ids[name]: s for name, s in named["state"].items()},
+            "param_groups": [dict(g, params=[ids[n] for n in g["params"]]) for g in named["param_groups"]]}
+
+
+def load_optimizer_state(model, optimizer, state, fsdp):
+    """Inverse of optimizer_state. FSDP: every rank passes the full state and keeps its own shard of it."""
+    if not fsdp or not state["state"]:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    name_of = {p: n for n, p in model.named_parameters()}
+    names = [name_of[p] for g in optimizer.param_groups for p in g["params"]]  # the numbering of optimizer_state
+    named = {"state": {names[i]: s for i, s in state["state"].items()},
+             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
 def get_lr(it, cfg):
@@ -166,6 +234,9 @@ def apply_finetuning(model, cfg, merge_count=0):
         kwargs = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target)
     else:  # xgblora: one rank-1 booster; K random layers per booster when asked (the paper's layer sampling)
         layers = None
+        if cfg.xgblora_layers_per_iteration > model.config.n_layer:
+            raise TrainError(f"xgblora_layers_per_iteration {cfg.xgblora_layers_per_iteration} is more than the model's "
+                             f"{model.config.n_layer} layers: set it to {model.config.n_layer} or less (0 = every layer)")
         if cfg.xgblora_layers_per_iteration:
             rng = random.Random(cfg.seed * 100003 + merge_count)  # derived from the merge count: resume needs no state
             layers = sorted(rng.sample(range(model.config.n_layer), cfg.xgblora_layers_per_iteration))
@@ -193,7 +264,7 @@ def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=No
     loss_sum_total = count_total = 0.0
     while batch is not None:
         following = next(batches, None)  # look ahead: under DDP only the last micro-step all-reduces the grads
-        with model.no_sync() if (ddp and following is not None) else nullcontext():
+        with grad_sync_off(model) if (ddp and following is not None) else nullcontext():
             with ctx:
                 _, loss_sum = model(batch[0], batch[1], batch[2] if use_loss_mask else None, loss_reduction="sum")
             (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
@@ -284,7 +355,13 @@ def train(cfg, log=print):
     master = rank == 0
     log = log if master else (lambda *a, **k: None)
     device_type = "cuda" if device.startswith("cuda") else device
-    torch.manual_seed(cfg.seed + rank)
+    fsdp = cfg.fsdp and ddp
+    if cfg.fsdp and not ddp:
+        log("note: fsdp is on but this is a single process (no torchrun): training without sharding")
+    if fsdp and (cfg.finetuning_type == "xgblora" or cfg.dtype == "float16"):
+        raise TrainError(f"fsdp does not support {'finetuning_type xgblora' if cfg.dtype != 'float16' else 'dtype float16'} "
+                         f"(its merges rebuild layers / its grad scaler is not sharded): use DDP (fsdp false) for it")
+    torch.manual_seed(cfg.seed + (0 if fsdp else rank))  # FSDP shards each rank's own copy: all must build the same
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     if device_type == "cuda":
@@ -292,6 +369,11 @@ def train(cfg, log=print):
         torch.backends.cudnn.allow_tf32 = True
     dtype = pick_dtype(cfg, device_type)
     ctx = autocast_context(device_type, dtype)
+    if cfg.finetuning_type != "full":  # before any model is loaded (a GPT-2 base takes a while)
+        try:
+            lora._check_targets(cfg.lora_target)
+        except ValueError as e:
+            raise ConfigError(f"config: 'lora_target' = {cfg.lora_target!r}: {e}") from None
 
     dataset_dir = resolve_dataset(cfg, log) if master or cfg.dataset_dir else SAMPLE_DATASET
     if ddp and not cfg.dataset_dir:
@@ -313,7 +395,11 @@ def train(cfg, log=print):
             if key in old and old[key] != getattr(cfg, key):
                 raise TrainError(f"{ckpt_path}: resuming with a different setting: '{key}' is {getattr(cfg, key)!r} now "
                                  f"but {old[key]!r} in the checkpoint; use the config the run started with")
-        model = build_model(ckpt)
+        trained_with = {k: v for k, v in ckpt["tokenizer"].items() if k != "hf_dir"}  # the ids matter, not a path
+        if trained_with != {k: v for k, v in tok.state_dict().items() if k != "hf_dir"}:
+            raise TrainError(f"{ckpt_path}: the run was trained with another tokenizer than the dataset {dataset_dir} "
+                             f"uses ({tok.kind}): resume with the dataset_dir the run started with")
+        model = build_model(ckpt, cfg.out_dir)  # out_dir: a LoRA base named by model name lives there
         lora_kwargs, base = ckpt.get("lora"), ckpt.get("base")
         iter_num, best_val = ckpt["iter_num"], ckpt.get("best_val_loss") or float("inf")
         merge_count = ckpt.get("xgblora_merges", 0)
@@ -330,7 +416,11 @@ def train(cfg, log=print):
     model.config.bos_scaling_factor = cfg.bos_scaling_factor
     if cfg.finetuning_type == "xgblora" and cfg.lora_rank != 1 and not resume:
         log(f"warning: finetuning_type xgblora trains rank-1 boosters; lora_rank {cfg.lora_rank} is ignored")
-    model.to(device)
+    if fsdp:
+        shard_model(model, device_type, world)  # each rank's shard goes to its device: the model is never whole there
+        torch.manual_seed(cfg.seed + rank)  # the ranks' dropout differs again
+    else:
+        model.to(device)
     trainable, total = lora.count_parameters(model)
     log(f"number of parameters: {total / 1e6:.2f}M (trainable {trainable:,}, {100 * trainable / total:.2f}%)")
 
@@ -356,7 +446,7 @@ def train(cfg, log=print):
     if cfg.trainer == "regular":
         optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
         if resume and ckpt.get("optimizer"):
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], fsdp)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
     if resume:
         train_loader.load_state_dict(ckpt["loader"][rank] if rank < len(ckpt["loader"]) else ckpt["loader"][0])
@@ -370,7 +460,7 @@ def train(cfg, log=print):
     def wrap(m):
         if use_compile:
             m = torch.compile(m)
-        if ddp:
+        if ddp and not fsdp:  # FSDP already wraps the model in place (shard_model)
             from torch.nn.parallel import DistributedDataParallel as DDP
             m = DDP(m, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
         return m
@@ -394,15 +484,16 @@ def train(cfg, log=print):
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def make_ckpt(with_state):
-        state_model = raw_model.state_dict()
-        if cfg.finetuning_type == "lora" and base is not None:
-            state_model = lora.lora_state_dict(raw_model)  # adapters only; the base is named in "base"
+        state_model = full_model_state(raw_model) if fsdp else raw_model.state_dict()
+        if cfg.finetuning_type == "lora" and base is not None:  # adapters only; the base is named in "base"
+            adapters = lora.lora_state_dict(raw_model)
+            state_model = {k: v for k, v in state_model.items() if k in adapters}
         ck = {"model": state_model, "model_args": dict(vars(raw_model.config)), "config": config_dict(cfg),
               "tokenizer": tok.state_dict(), "iter_num": iter_num, "best_val_loss": None if best_val == float("inf") else best_val,
               "lora": lora_kwargs, "base": base if cfg.finetuning_type == "lora" else None,
               "xgblora_merges": merge_count, "data_format": meta.get("format", "text"), "format_version": 1}
         if with_state:
-            ck["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+            ck["optimizer"] = optimizer_state(raw_model, optimizer, fsdp) if optimizer is not None else None
             ck["scaler"] = scaler.state_dict() if scaler.is_enabled() else None
             loaders = [train_loader.state_dict()]
             rngs = [torch.get_rng_state()]
@@ -543,13 +634,14 @@ def train(cfg, log=print):
 
     for s, h in old_handlers.items():
         signal.signal(s, h)
-    if master and cfg.merge_lora and lora_kwargs:
-        merged = build_model(make_ckpt(with_state=False), cfg.out_dir)
+    final = make_ckpt(with_state=False) if cfg.merge_lora and lora_kwargs else None  # on every rank: FSDP gathers
+    if master and final is not None:
+        merged = build_model(final, cfg.out_dir)
         lora.remove_lora(merged)
         mfolder = model_dir(cfg.out_dir, cfg.model_name + "_merged")
         ck = {"model": merged.state_dict(), "model_args": dict(vars(merged.config)), "config": config_dict(cfg),
               "tokenizer": tok.state_dict(), "iter_num": iter_num, "best_val_loss": None, "lora": None, "base": None,
-              "format_version": 1}
+              "data_format": final["data_format"], "format_version": 1}  # data_format: sample.py chats with it
         atomic_save(ck, os.path.join(mfolder, "ckpt.pt"))
         tok.save(os.path.join(mfolder, "tokenizer_state.json"))
         log(f"merged model written to {mfolder}")

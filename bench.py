@@ -1,0 +1,682 @@
+"""
+Benchmarks: training, sampling, data preparation, data loading and conversion, each against a reference timed in
+the same run, printed as a markdown table.
+
+    python bench.py                                   # every CPU section (about 10 minutes on 2 cores)
+    python bench.py --sections train_tiny,loader      # some of them: names in SECTIONS below
+    python bench.py --quick --json bench.json         # fewer repeats and tokens; raw figures as JSON too
+    python bench.py --device cuda --sections train_gpu   # on a GPU: the 124M shape at block 1024, bf16 + compile, MFU
+
+Machines are noisy (other jobs share the cores), so no figure is compared with one taken at another time: every
+row times our code and its reference in the same process, round-robin (repeat r runs each candidate once before
+repeat r + 1 starts, so a burst of load hits all alike), and compares the medians. "Fastest setting" means each
+side is timed in fp32 and under bf16 autocast (and transformers also with its eager attention) and the fastest
+of its own settings is the one compared. Peak memory is measured in a fresh process per figure (ru_maxrss above
+the process's size after its imports; torch.cuda.max_memory_allocated on a GPU), because a process's high-water
+mark never goes down.
+
+The references: transformers' GPT2LMHeadModel at the same shape (training step and generate), raw tiktoken
+encode_ordinary_batch over the same text (preparation), the batches per second training consumes (loader),
+GPT2LMHeadModel.from_pretrained on the same checkpoint (conversion), full fine-tuning (LoRA memory).
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # GPT-2 BPE offline (see ../shared/README.md)
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SECTIONS = ("train_tiny", "train_124m", "sample", "prepare", "loader", "convert", "lora_memory")
+EXTRA_SECTIONS = ("compile_tiny", "train_gpu")  # opt-in: torch.compile on CPU (slow to compile), GPU only
+REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
+TINY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)  # nanoGPT's shakespeare_char CPU shape
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing and memory
+
+def interleaved(fns, repeats, inner=1, warmup=1, device="cpu"):
+    """{name: median seconds per call} of each zero-argument fn, timed round-robin (see the module docstring).
+    Also returns every repeat's figure, for the JSON."""
+    def timed(f, n):
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            samples[k].append(timed(f, inner))
+    return {k: statistics.median(v) for k, v in samples.items()}, samples
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def reset_peak_rss():
+    """Start a new high-water mark here and return the process's current RSS (MB). Footgun: ru_maxrss never goes
+    down, so without the reset a transient peak during the imports would hide a small model's whole training
+    (Linux: writing 5 to /proc/self/clear_refs resets it; elsewhere the figure stays an upper bound)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return peak_rss_mb()
+
+
+def probe(spec, timeout=900):
+    """Run one measurement in a fresh `python bench.py --probe SPEC` process and return its JSON answer."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", json.dumps(spec),
+                          "--threads", str(torch.get_num_threads())], cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise BenchError(f"probe {spec} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def autocast(dtype, device="cpu"):
+    from train import autocast_context
+    return autocast_context("cuda" if device.startswith("cuda") else device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the models and their training steps
+
+def our_model(shape, vocab_size, block_size, bias, device="cpu"):
+    from model import GPT, GPTConfig
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=shape["n_layer"], n_head=shape["n_head"],
+                         n_embd=shape["n_embd"], dropout=0.0, bias=bias)).to(device)
+
+
+def hf_model(shape, vocab_size, block_size, device="cpu"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_layer=shape["n_layer"], n_head=shape["n_head"],
+                     n_embd=shape["n_embd"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    return GPT2LMHeadModel(cfg).to(device)
+
+
+def adamw(model, device_type="cpu"):
+    """The optimizer of train.py (model.configure_optimizers: decay on 2-D weights only) for either model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused=device_type == "cuda")
+
+
+def our_step(model, optimizer, get_batch, ctx):
+    """One optimizer step exactly as train.py takes it: fetch the batch, forward + backward through
+    train.forward_backward (loss as a sum normalised by the target count), clip at 1.0, AdamW step, zero grads."""
+    from train import forward_backward
+    loss = forward_backward(model, [get_batch()], False, ctx)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if math.isfinite(loss) and bool(torch.isfinite(norm)):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def hf_step(model, optimizer, get_batch, ctx):
+    """transformers' usual step: loss from labels (shifted inside the model), backward, clip, AdamW."""
+    x, _ = get_batch()[:2]
+    with ctx:
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def random_batches(vocab_size, batch_size, block_size, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def get_batch():
+        t = torch.randint(0, vocab_size, (batch_size, block_size + 1), generator=g)
+        return t[:, :-1].to(device), t[:, 1:].to(device)
+    return get_batch
+
+
+def hf_settings(model):
+    """transformers' candidate settings: (dtype, attention implementation)."""
+    del model
+    return [("float32", "sdpa"), ("bfloat16", "sdpa"), ("float32", "eager"), ("bfloat16", "eager")]
+
+
+def set_hf_attention(model, impl):
+    model.set_attn_implementation(impl)
+
+
+def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get_batch, our_vocab, hf_vocab, bias,
+                     repeats, inner, device="cpu"):
+    """Tokens/s of our step and transformers' step at one shape, every setting of each, interleaved."""
+    torch.manual_seed(0)
+    ours = our_model(shape, our_vocab, block_size, bias, device)
+    hf = hf_model(shape, hf_vocab, block_size, device)
+    o_opt, h_opt = adamw(ours, device), adamw(hf, device)
+    fns = {}
+    for dtype in ("float32", "bfloat16"):
+        fns[f"ours {dtype}"] = (lambda d=dtype: our_step(ours, o_opt, ours_get_batch, autocast(d, device)))
+    for dtype, impl in hf_settings(hf):
+        def f(d=dtype, i=impl):
+            set_hf_attention(hf, i)
+            return hf_step(hf, h_opt, hf_get_batch, autocast(d, device))
+        fns[f"transformers {dtype} {impl}"] = f
+    med, samples = interleaved(fns, repeats, inner, device=device)
+    tokens = batch_size * block_size
+    tps = {k: tokens / v for k, v in med.items()}
+    best_ours = max((k for k in tps if k.startswith("ours")), key=tps.get)
+    best_hf = max((k for k in tps if k.startswith("transformers")), key=tps.get)
+    del ours, hf, o_opt, h_opt
+    return {"name": name, "tokens_per_s": tps, "seconds_per_step_samples": samples, "best_ours": best_ours,
+            "best_hf": best_hf, "ratio": tps[best_ours] / tps[best_hf]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets the sections share (prepared once per run into a temp folder)
+
+class Workspace:
+    def __init__(self, tmp, corpus_dir):
+        self.tmp, self.corpus_dir = tmp, corpus_dir
+        self._cache = {}
+
+    def corpus(self, name):
+        path = os.path.join(self.corpus_dir, name)
+        if not os.path.exists(path):
+            raise BenchError(f"{path}: corpus not found (give --corpus_dir, the folder with tinyshakespeare.txt and "
+                             f"pride_and_prejudice_pg1342.txt)")
+        return path
+
+    def shakespeare_char(self):
+        if "char" not in self._cache:
+            import prepare_dataset
+            out = os.path.join(self.tmp, "shakespeare_char")
+            prepare_dataset.prepare([self.corpus("tinyshakespeare.txt")], out, tokenization="char", fmt="text")
+            self._cache["char"] = out
+        return self._cache["char"]
+
+    def gpt2_text(self):
+        if "gpt2" not in self._cache:
+            import prepare_dataset
+            out = os.path.join(self.tmp, "pride_gpt2")
+            prepare_dataset.prepare([self.corpus("pride_and_prejudice_pg1342.txt")], out, tokenization="gpt2", fmt="text")
+            self._cache["gpt2"] = out
+        return self._cache["gpt2"]
+
+    def hf_checkpoint(self):
+        """A random-weight GPT-2 124M saved with save_pretrained (real format; pretrained weights are not reachable
+        here)."""
+        if "hf" not in self._cache:
+            from transformers import GPT2Config, GPT2LMHeadModel
+            out = os.path.join(self.tmp, "hf_gpt2_124m")
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config()).save_pretrained(out)
+            self._cache["hf"] = out
+        return self._cache["hf"]
+
+
+def loader(dataset_dir, batch_size, block_size, device="cpu"):
+    from data import BatchLoader, read_metadata
+    from train import padded_vocab
+    meta = read_metadata(dataset_dir)
+    return BatchLoader(dataset_dir, "train", batch_size, block_size, device=device,
+                       model_vocab_size=padded_vocab(int(meta["vocab_size"])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sections: each returns (rows for the table, raw figures for the JSON)
+
+def row(what, ours, ref, ratio, target, ok, note=""):
+    return {"what": what, "ours": ours, "reference": ref, "ratio": ratio, "target": target, "ok": ok, "note": note}
+
+
+def fmt_tps(x):
+    return f"{x / 1000:,.1f}k tok/s" if x >= 1000 else f"{x:,.1f} tok/s"
+
+
+def train_rows(res, what, target_ratio):
+    tps = res["tokens_per_s"]
+    ours, hf = res["best_ours"], res["best_hf"]
+    return [row(f"{what}: training tokens/s, fastest setting each", f"{fmt_tps(tps[ours])} ({ours[5:]})",
+                f"{fmt_tps(tps[hf])} ({hf[13:]})", f"{res['ratio']:.2f}x", f">= {target_ratio}x vs transformers",
+                res["ratio"] >= target_ratio)]
+
+
+def memory_rows(what, shape_spec, res):
+    ours = probe(dict(shape_spec, kind="train", side="ours", setting=res["best_ours"][5:]))
+    hf = probe(dict(shape_spec, kind="train", side="hf", setting=res["best_hf"][13:]))
+    res["peak_mb"] = {"ours": ours["peak_mb"], "transformers": hf["peak_mb"]}
+    return [row(f"{what}: peak memory of training (3 steps, fresh process)", f"{ours['peak_mb']:,.0f} MB",
+                f"{hf['peak_mb']:,.0f} MB", f"{ours['peak_mb'] / hf['peak_mb']:.2f}x", "(reported)", None)]
+
+
+def section_train_tiny(ws, args):
+    data = ws.shakespeare_char()
+    B, T = TINY["batch_size"], TINY["block_size"]
+    ld = loader(data, B, T)
+    get_batch = ld.get_batch
+    res = train_comparison("train_tiny", TINY, B, T, get_batch, get_batch, ld.vocab_limit, ld.data.vocab_size,
+                           bias=False, repeats=5 if args.quick else 9, inner=10 if args.quick else 20)
+    tps = res["tokens_per_s"]
+    what = "tiny 4x128, block 64, batch 12 (CPU)"
+    rows = train_rows(res, what, 1.5)
+    best = tps[res["best_ours"]]
+    rows.append(row(f"{what}: our training tokens/s vs the reference figure", fmt_tps(best),
+                    fmt_tps(REFERENCE_TOKENS_PER_S) + " (README)", f"{best / REFERENCE_TOKENS_PER_S:.2f}x",
+                    ">= 1.2x (18.7k tok/s)", best >= 1.2 * REFERENCE_TOKENS_PER_S))
+    from train import pick_dtype
+    from config import TrainConfig
+    auto = pick_dtype(TrainConfig(), "cpu")
+    res["auto_dtype"] = auto
+    rows.append(row(f"{what}: train.py's dtype auto picks {auto}", fmt_tps(tps[f'ours {auto}']),
+                    fmt_tps(tps[res['best_ours']]) + " (our fastest)", f"{tps[f'ours {auto}'] / best:.2f}x",
+                    "auto = our fastest", auto == res["best_ours"][5:] or tps[f"ours {auto}"] / best > 0.97))
+    if not args.no_memory:
+        rows += memory_rows(what, dict(shape="tiny", vocab=ld.vocab_limit, hf_vocab=ld.data.vocab_size), res)
+    return rows, res
+
+
+def section_train_124m(ws, args):
+    data = ws.gpt2_text()
+    B, T = 4, 256
+    ld = loader(data, B, T)
+    res = train_comparison("train_124m", GPT2_124M, B, T, ld.get_batch, ld.get_batch, 50304, 50257, bias=True,
+                           repeats=3 if args.quick else 5, inner=1)
+    what = "124M 12x768, batch 4 x 256 (CPU)"
+    rows = train_rows(res, what, 1.3)
+    if not args.no_memory:
+        rows += memory_rows(what, dict(shape="124m", vocab=50304, hf_vocab=50257), res)
+    return rows, res
+
+
+def section_compile_tiny(ws, args):
+    """torch.compile of our model at the tiny shape on this CPU: compile time and the speed it buys."""
+    data = ws.shakespeare_char()
+    B, T = TINY["batch_size"], TINY["block_size"]
+    ld = loader(data, B, T)
+    torch.manual_seed(0)
+    eager = our_model(TINY, ld.vocab_limit, T, False)
+    compiled_raw = our_model(TINY, ld.vocab_limit, T, False)
+    compiled = torch.compile(compiled_raw)
+    e_opt, c_opt = adamw(eager), adamw(compiled_raw)
+    from train import pick_dtype
+    from config import TrainConfig
+    dtype = pick_dtype(TrainConfig(), "cpu")
+    t = time.perf_counter()
+    our_step(compiled, c_opt, ld.get_batch, autocast(dtype))
+    our_step(compiled, c_opt, ld.get_batch, autocast(dtype))
+    compile_s = time.perf_counter() - t
+    med, samples = interleaved({"eager": lambda: our_step(eager, e_opt, ld.get_batch, autocast(dtype)),
+                                "compiled": lambda: our_step(compiled, c_opt, ld.get_batch, autocast(dtype))},
+                               repeats=5 if args.quick else 9, inner=10 if args.quick else 20)
+    tps = {k: B * T / v for k, v in med.items()}
+    res = {"dtype": dtype, "compile_seconds": compile_s, "tokens_per_s": tps, "samples": samples}
+    speedup = tps["compiled"] / tps["eager"]
+    return [row(f"tiny (CPU, {dtype}): torch.compile, first 2 steps {compile_s:.0f} s", fmt_tps(tps["compiled"]),
+                fmt_tps(tps["eager"]) + " (eager)", f"{speedup:.2f}x", "(reported)", None)], res
+
+
+def section_sample(ws, args):
+    """124M, batch 1, greedy, N new tokens after a 32-token prompt: our generate (KV cache) vs transformers'
+    generate, the same random weights in both (converted), so both do exactly the same work; then our full
+    recompute (no cache) for the speed-up the cache buys."""
+    from convert_hf import load_hf_gpt2
+    from transformers import GPT2LMHeadModel
+    from tokenizer import Tokenizer
+    n_new = 64 if args.quick else 256
+    hf_dir = ws.hf_checkpoint()
+    ours, tok = load_hf_gpt2(hf_dir)
+    ours.eval()
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    hf.generation_config.eos_token_id = None  # never stop early: exactly n_new tokens on both sides
+    hf.generation_config.pad_token_id = 0
+    with open(ws.corpus("pride_and_prejudice_pg1342.txt")) as f:
+        text = f.read()
+    prompt = torch.tensor([Tokenizer("gpt2").encode(text[5000:6000])[:32]])
+    outs = {}
+
+    def ours_gen(dtype, cache=True):
+        with autocast(dtype):
+            outs[f"ours {dtype} cache={cache}"] = ours.generate(prompt, n_new, temperature=0, use_kv_cache=cache)
+
+    def hf_gen(dtype, impl):
+        set_hf_attention(hf, impl)
+        with torch.no_grad(), autocast(dtype):
+            outs[f"transformers {dtype} {impl}"] = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=0,
+                                                               do_sample=False)
+    fns = {f"ours {d}": (lambda d=d: ours_gen(d)) for d in ("float32", "bfloat16")}
+    fns.update({f"transformers {d} {i}": (lambda d=d, i=i: hf_gen(d, i)) for d, i in hf_settings(hf)})
+    med, samples = interleaved(fns, repeats=3 if args.quick else 5, warmup=1)
+    tps = {k: n_new / v for k, v in med.items()}
+    best_ours = max((k for k in tps if k.startswith("ours")), key=tps.get)
+    best_hf = max((k for k in tps if k.startswith("transformers")), key=tps.get)
+    same = bool(torch.equal(outs["ours float32 cache=True"], outs["transformers float32 sdpa"]))
+    # the cache's speed-up: one recompute run (it is slow) between two cached runs, fp32 and our fastest dtype
+    d = best_ours[5:]
+    t = time.perf_counter(); ours_gen(d, cache=True); t_cache1 = time.perf_counter() - t
+    t = time.perf_counter(); ours_gen(d, cache=False); t_full = time.perf_counter() - t
+    t = time.perf_counter(); ours_gen(d, cache=True); t_cache2 = time.perf_counter() - t
+    same_full = bool(torch.equal(outs[f"ours {d} cache=True"], outs[f"ours {d} cache=False"]))
+    t_cache = (t_cache1 + t_cache2) / 2
+    res = {"new_tokens": n_new, "tokens_per_s": tps, "samples": samples, "best_ours": best_ours, "best_hf": best_hf,
+           "ratio": tps[best_ours] / tps[best_hf], "same_tokens_as_transformers_fp32": same,
+           "recompute_seconds": t_full, "cache_seconds": t_cache, "cache_speedup": t_full / t_cache,
+           "recompute_same_tokens": same_full}
+    what = f"sampling 124M, batch 1, greedy, {n_new} new tokens (CPU)"
+    return [row(f"{what}: tokens/s, fastest setting each", f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)",
+                f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)", f"{res['ratio']:.2f}x",
+                ">= 1.5x vs transformers", res["ratio"] >= 1.5,
+                f"fp32 greedy tokens identical to transformers': {'yes' if same else 'NO'}"),
+            row(f"{what}: KV cache vs full recompute ({d})", fmt_tps(n_new / t_cache), fmt_tps(n_new / t_full),
+                f"{res['cache_speedup']:.1f}x", "(reported)", None,
+                f"same tokens: {'yes' if same_full else 'NO'}")], res
+
+
+def section_prepare(ws, args):
+    """prepare_dataset.prepare (gpt2, 2 workers, shards written) vs tiktoken's encode_ordinary_batch on the same
+    text cut into the same ~1 MB blocks, both measured as tokens per second of the whole call."""
+    import prepare_dataset
+    from tokenizer import Tokenizer
+    text = ""
+    for name in ("tinyshakespeare.txt", "pride_and_prejudice_pg1342.txt"):
+        with open(ws.corpus(name)) as f:
+            text += f.read()
+    text = text * (1 if args.quick else 2)
+    src = os.path.join(ws.tmp, "prepare_input.txt")
+    with open(src, "w") as f:
+        f.write(text)
+    blocks, start = [], 0  # newline-cut ~1 MB blocks, as prepare reads them
+    while start < len(text):
+        end = text.find("\n", start + prepare_dataset.BLOCK_BYTES)
+        end = len(text) if end < 0 else end + 1
+        blocks.append(text[start:end])
+        start = end
+    enc = Tokenizer("gpt2").enc
+    counts = {}
+
+    def run_prepare():
+        out = os.path.join(ws.tmp, "prepare_out")
+        meta = prepare_dataset.prepare([src], out, tokenization="gpt2", fmt="text", num_workers=2)
+        counts["prepare"] = sum(s["tokens"] for s in meta["splits"].values())  # + one end-of-text per document
+
+    def run_tiktoken():
+        counts["tiktoken"] = sum(len(t) for t in enc.encode_ordinary_batch(blocks, num_threads=2))
+    med, samples = interleaved({"prepare": run_prepare, "tiktoken": run_tiktoken}, repeats=3 if args.quick else 5)
+    n = counts["tiktoken"]
+    tps = {k: n / v for k, v in med.items()}
+    ratio = tps["prepare"] / tps["tiktoken"]
+    res = {"tokens": n, "prepare_tokens": counts["prepare"], "tokens_per_s": tps, "samples": samples, "ratio": ratio,
+           "text_bytes": len(text.encode())}
+    return [row(f"prepare_dataset, gpt2, 2 workers, {len(text.encode()) / 1e6:.1f} MB of text (CPU)",
+                fmt_tps(tps["prepare"]), fmt_tps(tps["tiktoken"]) + " (tiktoken encode_ordinary_batch)",
+                f"{ratio:.2f}x", ">= 0.8x", ratio >= 0.8)], res
+
+
+def section_loader(ws, args, train_res=None):
+    """BatchLoader.get_batch at the tiny shape vs the batches per second our training step consumes (the step
+    timed here too, in its fastest setting)."""
+    data = ws.shakespeare_char()
+    B, T = TINY["batch_size"], TINY["block_size"]
+    ld = loader(data, B, T)
+    torch.manual_seed(0)
+    model = our_model(TINY, ld.vocab_limit, T, False)
+    opt = adamw(model)
+    from train import pick_dtype
+    from config import TrainConfig
+    dtype = pick_dtype(TrainConfig(), "cpu")
+    step_batch = random_batches(ld.vocab_limit, B, T)  # the step without its own fetch: training's pure consumption
+    med, samples = interleaved({"loader": ld.get_batch, "train step": lambda: our_step(model, opt, step_batch, autocast(dtype))},
+                               repeats=5 if args.quick else 9, inner=20)
+    rate = {k: 1 / v for k, v in med.items()}
+    ratio = rate["loader"] / rate["train step"]
+    res = {"batches_per_s": rate, "samples": samples, "ratio": ratio, "dtype": dtype}
+    return [row("loader, tiny shape (batch 12 x 64): batches/s", f"{rate['loader']:,.0f} batches/s",
+                f"{rate['train step']:,.1f} batches/s (training consumes, {dtype})", f"{ratio:,.0f}x", ">= 20x",
+                ratio >= 20)], res
+
+
+def section_convert(ws, args):
+    """convert_hf.load_hf_gpt2 on a 124M checkpoint vs GPT2LMHeadModel.from_pretrained: time and peak memory, each
+    in fresh processes (median of 3)."""
+    hf_dir = ws.hf_checkpoint()
+    runs = {"ours": [], "hf": []}
+    for _ in range(2 if args.quick else 3):
+        for side in runs:
+            runs[side].append(probe({"kind": "convert", "side": side, "hf_dir": hf_dir}))
+    med = {side: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_mb")} for side, rs in runs.items()}
+    res = {"runs": runs, "median": med}
+    o, h = med["ours"], med["hf"]
+    what = "convert a 124M HF checkpoint (load_hf_gpt2 vs from_pretrained, fresh process)"
+    return [row(f"{what}: seconds", f"{o['seconds']:.2f} s", f"{h['seconds']:.2f} s", f"{h['seconds'] / o['seconds']:.2f}x faster",
+                "(reported)", None),
+            row(f"{what}: peak memory", f"{o['peak_mb']:,.0f} MB", f"{h['peak_mb']:,.0f} MB",
+                f"{o['peak_mb'] / h['peak_mb']:.2f}x", "(reported)", None)], res
+
+
+def section_lora_memory(ws, args):
+    """Peak memory of one training step of the 124M shape at batch 4 x 256, LoRA (rank 16, every target) vs full
+    fine-tuning, fresh process each; both include the model's weights."""
+    runs = {"lora": probe({"kind": "train", "side": "ours", "shape": "124m", "vocab": 50304, "setting": "auto",
+                           "lora_rank": 16, "steps": 1}),
+            "full": probe({"kind": "train", "side": "ours", "shape": "124m", "vocab": 50304, "setting": "auto",
+                           "steps": 1})}
+    ratio = runs["lora"]["peak_mb"] / runs["full"]["peak_mb"]
+    step_ratio = runs["lora"]["step_mb"] / runs["full"]["step_mb"]
+    res = {"runs": runs, "ratio": ratio, "step_only_ratio": step_ratio}
+    return [row("LoRA r16 (all targets) vs full fine-tuning, 124M, batch 4 x 256 (CPU): peak memory of a step",
+                f"{runs['lora']['peak_mb']:,.0f} MB", f"{runs['full']['peak_mb']:,.0f} MB (full)", f"{ratio:.2f}x",
+                "<= 0.6x", ratio <= 0.6,
+                f"above the loaded model alone: {runs['lora']['step_mb']:,.0f} vs {runs['full']['step_mb']:,.0f} MB "
+                f"({step_ratio:.2f}x)")], res
+
+
+def section_train_gpu(ws, args):
+    """On CUDA: the 124M shape at block 1024 in bf16, ours compiled (train.py's default there) vs transformers
+    (bf16 autocast, sdpa), tokens/s, MFU against the GPU's bf16 peak, peak memory."""
+    if not torch.cuda.is_available():
+        raise BenchError("train_gpu needs a CUDA GPU (run with --device cuda on a GPU machine)")
+    device = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    B, T = args.gpu_batch_size, 1024
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+                                ("A10", 125e12), ("4090", 165e12)) if k in name), None)
+    torch.manual_seed(0)
+    results = {}
+    for side in ("ours", "transformers"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        gb = random_batches(50257, B, T, device)
+        if side == "ours":
+            model = our_model(GPT2_124M, 50304, T, True, device)
+            opt = adamw(model, "cuda")
+            step_model = torch.compile(model)
+            t = time.perf_counter()
+            step = lambda: our_step(step_model, opt, gb, autocast("bfloat16", device))  # noqa: E731
+        else:
+            model = hf_model(GPT2_124M, 50257, T, device)
+            set_hf_attention(model, "sdpa")
+            opt = adamw(model, "cuda")
+            t = time.perf_counter()
+            step = lambda: hf_step(model, opt, gb, autocast("bfloat16", device))  # noqa: E731
+        step()
+        step()
+        torch.cuda.synchronize()
+        warm_s = time.perf_counter() - t
+        med, samples = interleaved({side: step}, repeats=5, inner=10, warmup=0, device=device)
+        tps = B * T / med[side]
+        from model import GPT
+        mfu = GPT.estimate_mfu(model, tps, peak) if (side == "ours" and peak) else None
+        results[side] = {"tokens_per_s": tps, "warmup_seconds": warm_s, "mfu": mfu, "samples": samples,
+                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+        del model, opt, step
+    # the two sides are timed one after the other here (a GPU is not shared the way these CPUs are)
+    ratio = results["ours"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+    res = {"gpu": name, "batch_size": B, "block_size": T, "peak_flops": peak, **results, "ratio": ratio}
+    o, h = results["ours"], results["transformers"]
+    mfu_txt = f", MFU {100 * o['mfu']:.1f}%" if o["mfu"] is not None else ""
+    return [row(f"124M, block 1024, batch {B}, bf16 ({name}): training tokens/s",
+                f"{fmt_tps(o['tokens_per_s'])} (compiled{mfu_txt}, {o['peak_mem_gb']:.1f} GiB)",
+                f"{fmt_tps(h['tokens_per_s'])} ({h['peak_mem_gb']:.1f} GiB)", f"{ratio:.2f}x", "(reported)", None)], res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fresh-process measurements
+
+def run_probe(spec):
+    """One measurement in this (fresh) process; prints a JSON line. peak_mb: the peak RSS above the process's size
+    after its imports (for training also after one throwaway step of a 1-layer model, so that lazy imports and
+    one-time allocations of either library are not counted as the model's); step_mb: the peak of the steps above
+    the size once the model and optimizer are built."""
+    import gc
+    import transformers  # noqa: F401  (both sides pay the same imports)
+    import train
+    if spec["kind"] == "convert":
+        base = reset_peak_rss()
+        t = time.perf_counter()
+        if spec["side"] == "ours":
+            from convert_hf import load_hf_gpt2
+            load_hf_gpt2(spec["hf_dir"])
+        else:
+            from transformers import GPT2LMHeadModel
+            GPT2LMHeadModel.from_pretrained(spec["hf_dir"])
+        print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb() - base}))
+        return
+    shape, B, T = (TINY, TINY["batch_size"], TINY["block_size"]) if spec["shape"] == "tiny" else (GPT2_124M, 4, 256)
+    setting = spec["setting"]
+    if setting == "auto":
+        from config import TrainConfig
+        setting = train.pick_dtype(TrainConfig(), "cpu")
+    dtype, _, impl = setting.partition(" ")
+
+    def build(shape, vocab, T, B):
+        torch.manual_seed(0)
+        if spec["side"] == "ours":
+            model = our_model(shape, vocab, T, spec["shape"] != "tiny")
+            if spec.get("lora_rank"):
+                import lora
+                lora.apply_lora(model, rank=spec["lora_rank"], alpha=2.0 * spec["lora_rank"], targets="all")
+            opt, get_batch = adamw(model), random_batches(vocab, B, T)
+            return lambda: our_step(model, opt, get_batch, autocast(dtype))
+        model = hf_model(shape, vocab, T)
+        set_hf_attention(model, impl or "sdpa")
+        opt, get_batch = adamw(model), random_batches(vocab, B, T)
+        return lambda: hf_step(model, opt, get_batch, autocast(dtype))
+    # a throwaway step of a 1-layer model first: lazy imports and one-time allocations of the library are not
+    # the model's memory
+    vocab = spec["vocab"] if spec["side"] == "ours" else spec["hf_vocab"]
+    build(dict(n_layer=1, n_head=1, n_embd=16), vocab, 8, 1)()
+    gc.collect()
+    base = reset_peak_rss()
+    step = build(shape, vocab, T, B)
+    built_peak = peak_rss_mb() - base
+    built = reset_peak_rss()
+    for _ in range(spec.get("steps", 3)):
+        step()
+    step_mb = peak_rss_mb() - built
+    print(json.dumps({"peak_mb": max(built_peak, built - base + step_mb), "step_mb": step_mb}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def markdown(rows, header):
+    out = [header, "", "| measurement | ours | reference | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        met = "" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
+        note = f" ({r['note']})" if r["note"] else ""
+        out.append(f"| {r['what']}{note} | {r['ours']} | {r['reference']} | {r['ratio']} | {r['target']} | {met} |")
+    return "\n".join(out)
+
+
+def details(results):
+    """Every setting's figure, for the curious (the table keeps the fastest of each side)."""
+    lines = []
+    for name, res in results.items():
+        for key in ("tokens_per_s", "batches_per_s"):
+            if isinstance(res.get(key), dict):
+                lines.append(f"- {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in res[key].items()) + f" ({key.replace('_', ' ')})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated, from: {', '.join(SECTIONS + EXTRA_SECTIONS)} (default: {', '.join(SECTIONS)})")
+    p.add_argument("--json", default=None, help="also write every raw figure to this JSON file")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and tokens (a smoke run, noisier figures)")
+    p.add_argument("--no_memory", action="store_true", help="skip the fresh-process peak-memory runs of training")
+    p.add_argument("--corpus_dir", default=os.path.join(SHARED, "corpora"))
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--gpu_batch_size", type=int, default=16)
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one fresh-process measurement
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        run_probe(json.loads(args.probe))
+        return
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS + EXTRA_SECTIONS]
+    if unknown:
+        print(f"error: unknown section '{unknown[0]}': choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}", file=sys.stderr)
+        sys.exit(1)
+    import platform
+    header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        ws = Workspace(tmp, args.corpus_dir)
+        for name in sections:
+            t = time.perf_counter()
+            print(f"[{name}] ...", file=sys.stderr, flush=True)
+            try:
+                r, res = globals()[f"section_{name}"](ws, args)
+            except BenchError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(1)
+            res["seconds"] = time.perf_counter() - t
+            rows += r
+            results[name] = res
+            print(f"[{name}] done in {res['seconds']:.0f} s", file=sys.stderr, flush=True)
+    header += f"; load average {os.getloadavg()[0]:.1f} at the end"
+    print(markdown(rows, header))
+    print()
+    print(details(results))
+    if args.json:
+        tmp_json = args.json + ".tmp"
+        with open(tmp_json, "w") as f:
+            json.dump({"header": header, "rows": rows, "results": results}, f, indent=1, default=str)
+        os.replace(tmp_json, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,772 @@
+"""
+Dataset preparation: text or chat files -> token shards (+ loss masks) + metadata, streamed, nothing half-written.
+
+    python prepare_dataset.py --input_files corpus.txt --out_dir data/corpus --tokenization gpt2 --format text
+    python prepare_dataset.py --input_files chats.jsonl --out_dir data/chats --tokenization char --format chat
+
+Output (read by data.py):
+    D/train/shard_00000.bin ...       raw token ids, no header; uint16 when vocab_size <= 65536, else uint32
+    D/train/shard_00000_mask.bin ...  chat only: uint8 0/1 per token, 1 = the token is trained on
+    D/val/...                         the same for the validation split
+    D/tokenizer_state.json            the tokenizer (tokenizer.py), so training and sampling decode alike
+    D/dataset_metadata.json           token counts, shards, dtype, skipped records, the arguments (see prepare())
+
+Text format: every document is followed by the end-of-text token. A plain text file is one document whose last
+val_fraction of bytes (cut at a line boundary) is a second, validation document; a JSONL file holds one document
+per line ({"text": ...}), each sent to val with probability val_fraction.
+Chat format: every record is one conversation in one of four schemas (OpenAI messages, ShareGPT conversations,
+Alpaca instruction/output, prompt/completion), rendered with tokenizer.render_chat, the same template sample.py
+uses. Each split's stream starts with one end-of-text token so that every conversation follows one.
+
+Memory stays flat however large the corpus: inputs are read in ~1 MB chunks (text blocks cut at a newline, or
+runs of JSONL lines), tokenized (optionally by a pool of worker processes, order preserved), and appended to
+the open shard files. Everything is written into D.tmp-<pid> and renamed to D only when complete.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from contextlib import closing
+from datetime import datetime, timezone
+
+import numpy as np
+from tqdm import tqdm
+
+from tokenizer import ROLE_MARKERS, Tokenizer, render_chat
+
+BLOCK_BYTES = 1 << 20  # plain text is read and tokenized in blocks of about this size; JSONL in runs of lines
+CHAT_SCHEMAS = ("auto", "openai", "sharegpt", "alpaca", "prompt_completion")
+SHOW_SKIPPED = 5  # the first few skipped records are reported with file:line
+
+# the roles each schema may use, mapped onto the template's roles (tokenizer.ROLE_MARKERS)
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant",  # LLaMA-Factory tool data: the model's call, trained like its text
+                  "observation": "tool", "tool": "tool"}  # tool results: context the model reads, never trained
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chat records -> [(role, content), ...]
+
+def tool_calls_text(calls):
+    """OpenAI assistant "tool_calls" as the assistant's text: the JSON of {"name", "arguments"} (one call) or a
+    list of them, the same shape as a ShareGPT/LLaMA-Factory "function_call" value, so both train alike."""
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            return None
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends the arguments as a JSON string; show them as JSON, not escaped
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                pass
+        out.append({"name": fn["name"], "arguments": args})
+    return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+
+
+def _content_text(content):
+    """A message's content as text: a string, None (an assistant turn that only calls tools), or OpenAI's list of
+    {"type": "text", "text": ...} parts. Anything else (images, numbers) -> None: the record is skipped."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def detect_schema(rec):
+    if "messages" in rec:
+        return "openai"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec:
+        return "alpaca"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    return None
+
+
+def _openai_turns(rec):
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list):
+        return None, "'messages' is not a list"
+    turns = []
+    for m in msgs:
+        if not isinstance(m, dict):
+            return None, "message is not an object"
+        role = m.get("role")
+        if role not in OPENAI_ROLES:
+            return None, f"unknown role {role!r}"
+        text = _content_text(m.get("content"))
+        if text is None:
+            return None, "content is not text"
+        calls = m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else None)
+        if role == "assistant" and calls:
+            calls_text = tool_calls_text(calls) if isinstance(calls, list) else None
+            if calls_text is None:
+                return None, "malformed tool_calls"
+            text = f"{text}\n{calls_text}" if text else calls_text
+        turns.append((OPENAI_ROLES[role], text))
+    return turns, None
+
+
+def _sharegpt_turns(rec):
+    msgs = rec.get("conversations")
+    if not isinstance(msgs, list):
+        return None, "'conversations' is not a list"
+    turns = []
+    system = rec.get("system")
+    tools = rec.get("tools")
+    if tools:  # LLaMA-Factory's tool descriptions: the model must see them to call them; they go in the system turn
+        tools = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        system = f"{system}\nTools: {tools}" if isinstance(system, str) and system else f"Tools: {tools}"
+    if system is not None:
+        if not isinstance(system, str):
+            return None, "content is not text"
+        turns.append(("system", system))
+    for m in msgs:
+        if not isinstance(m, dict):
+            return None, "message is not an object"
+        role = m.get("from")
+        if role not in SHAREGPT_ROLES:
+            return None, f"unknown role {role!r}"
+        if not isinstance(m.get("value"), str):
+            return None, "content is not text"
+        turns.append((SHAREGPT_ROLES[role], m["value"]))
+    return turns, None
+
+
+def _alpaca_turns(rec):
+    fields = [rec.get(k) for k in ("instruction", "input", "output", "system")]
+    if not isinstance(rec.get("instruction"), str) or not isinstance(rec.get("output"), str) or \
+            not all(f is None or isinstance(f, str) for f in fields):
+        return None, "content is not text"
+    history = rec.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 and all(isinstance(s, str) for s in h)
+                                                for h in history):
+        return None, "'history' is not a list of [question, answer] pairs"
+    turns = [("system", rec["system"])] if rec.get("system") is not None else []
+    for q, a in history:
+        turns += [("user", q), ("assistant", a)]
+    prompt = "\n\n".join(s for s in (rec["instruction"], rec.get("input")) if s)  # empty input: instruction alone
+    turns += [("user", prompt), ("assistant", rec["output"])]
+    return turns, None
+
+
+def _prompt_completion_turns(rec):
+    if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
+        return None, "content is not text"
+    return [("user", rec["prompt"]), ("assistant", rec["completion"])], None
+
+
+SCHEMA_KEYS = {"openai": "messages", "sharegpt": "conversations", "alpaca": "instruction",
+               "prompt_completion": "prompt"}
+
+
+def conversation_turns(rec, schema="auto"):
+    """One chat record -> ([(role, content), ...], None), or (None, reason) when the record cannot be used.
+    Trailing turns after the last assistant turn are dropped: nothing would be trained on them."""
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    if schema == "auto":
+        schema = detect_schema(rec)
+        if schema is None:
+            return None, "unknown schema (no messages/conversations/instruction/prompt+completion)"
+    elif SCHEMA_KEYS[schema] not in rec:
+        return None, f"no '{SCHEMA_KEYS[schema]}' field"
+    convert = {"openai": _openai_turns, "sharegpt": _sharegpt_turns, "alpaca": _alpaca_turns,
+               "prompt_completion": _prompt_completion_turns}[schema]
+    turns, reason = convert(rec)
+    if reason:
+        return None, reason
+    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
+    if last < 0:
+        return None, "no assistant turn"
+    turns = turns[:last + 1]
+    if any(not content.strip() for _, content in turns):
+        return None, "empty content"
+    return turns, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the inputs as chunks (plain dicts, cheap to send to a worker process)
+
+def input_kind(path, fmt):
+    """'text' (plain text), 'jsonl' (one JSON record per line) or 'json' (one JSON list of records)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json":
+        with open(path, "rb") as f:  # a .json file may also be JSONL: look at its first non-blank byte
+            head = f.read(4096).lstrip()
+        return "json" if head.startswith(b"[") else "jsonl"
+    if ext == ".jsonl":
+        return "jsonl"
+    if fmt == "chat":
+        raise ValueError(f"{path}: --format chat needs a .jsonl file (one conversation per line) or a .json file "
+                         f"(a list of conversations)")
+    return "text"
+
+
+def _is_cut(data, i):
+    """True when a chunk may end after the newline at data[i] without changing GPT-2's tokenization: with a
+    non-whitespace character on both sides, that newline is a pre-tokenizer piece of its own whether or not the
+    text is cut there. (A whitespace run like "  \\n" or "\\n\\n" would be split differently at a chunk edge.)"""
+    before = data[max(0, i - 4):i].decode("utf-8", "ignore")[-1:]  # the whole character before the newline
+    after = data[i + 1:i + 5].decode("utf-8", "ignore")[:1]  # and after it
+    return bool(before) and bool(after) and not before.isspace() and not after.isspace()
+
+
+def _block_cut(data):
+    """Where to end a block: after the last newline that is a clean cut, else after the last newline, else at the
+    last UTF-8 character boundary (a single line longer than the block: tokens may differ at the seam)."""
+    i = data.rfind(b"\n")
+    last_newline = i
+    while i > 0 and not _is_cut(data, i):
+        i = data.rfind(b"\n", 0, i)
+    if i > 0:
+        return i + 1
+    if last_newline >= 0:
+        return last_newline + 1
+    end = len(data)
+    while end > 0 and (data[end - 1] & 0xC0) == 0x80:  # back off continuation bytes to the lead byte...
+        end -= 1
+    return end - 1 if end > 0 and data[end - 1] >= 0xC0 else end  # ...and leave the incomplete character out
+
+
+def _find_newline(f, start, stop):
+    """Offset of the first b'\\n' in [start, stop) of an open binary file, or -1 (scans in blocks)."""
+    f.seek(start)
+    pos = start
+    while pos < stop:
+        data = f.read(min(BLOCK_BYTES, stop - pos))
+        i = data.find(b"\n")
+        if i >= 0:
+            return pos + i
+        pos += len(data)
+    return -1
+
+
+def _rfind_newline(f, start, stop):
+    """Offset of the last b'\\n' in [start, stop), or -1 (scans backwards in blocks)."""
+    while stop > start:
+        lo = max(start, stop - BLOCK_BYTES)
+        f.seek(lo)
+        i = f.read(stop - lo).rfind(b"\n")
+        if i >= 0:
+            return lo + i
+        stop = lo
+    return -1
+
+
+def text_split_offset(path, val_fraction):
+    """The byte offset where a plain text file's validation part starts: just after the first line break at or
+    after (1 - val_fraction) of its bytes (else the last one before; a file with no line break: that very byte)."""
+    size = os.path.getsize(path)
+    if val_fraction <= 0:
+        return size
+    target = int(size * (1 - val_fraction))
+    with open(path, "rb") as f:
+        i = _find_newline(f, target, size - 1)  # a newline as the very last byte would leave val empty
+        if i < 0:
+            i = _rfind_newline(f, 0, target)
+        if i >= 0:
+            return i + 1
+        f.seek(target)
+        while target < size and (f.read(1)[0] & 0xC0) == 0x80:  # not inside a multi-byte character
+            target += 1
+        return target
+
+
+def _text_chunks(file_idx, path, val_fraction, block_bytes):
+    split_at = text_split_offset(path, val_fraction)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        for split, start, end in (("train", 0, split_at), ("val", split_at, size)):
+            pos = start
+            while pos < end:
+                f.seek(pos)
+                data = f.read(min(block_bytes, end - pos))
+                if pos + len(data) < end:
+                    data = data[:_block_cut(data) or len(data)]  # 0 only for a block of a few bytes
+                yield {"kind": "text", "file": file_idx, "path": path, "offset": pos, "data": data, "split": split,
+                       "end_of_doc": pos + len(data) >= end, "nbytes": len(data)}
+                pos += len(data)
+
+
+def _record_chunks(file_idx, path, kind, block_bytes):
+    items, nbytes = [], 0
+    if kind == "json":
+        # a JSON list is loaded whole (a JSON array cannot be streamed with the standard library): for corpora
+        # that do not fit in memory, use JSONL
+        with open(path, "rb") as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json input must be one JSON list "
+                                 f"of records (or use .jsonl, one record per line)") from None
+        size = os.path.getsize(path)
+        for i, rec in enumerate(records):
+            items.append((f"{path}: record {i + 1}", rec))
+            if len(items) == 1000:
+                yield {"kind": "records", "file": file_idx, "parsed": True, "items": items,
+                       "nbytes": size * len(items) // max(len(records), 1)}
+                items = []
+        if items:
+            yield {"kind": "records", "file": file_idx, "parsed": True, "items": items,
+                   "nbytes": size * len(items) // max(len(records), 1)}
+        return
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            nbytes += len(line)
+            if line.strip():  # blank lines are allowed and ignored
+                items.append((f"{path}:{lineno}", line))
+            if nbytes >= block_bytes:
+                yield {"kind": "records", "file": file_idx, "parsed": False, "items": items, "nbytes": nbytes}
+                items, nbytes = [], 0
+    if items or nbytes:
+        yield {"kind": "records", "file": file_idx, "parsed": False, "items": items, "nbytes": nbytes}
+
+
+def iter_chunks(files, val_fraction, block_bytes=BLOCK_BYTES):
+    """All inputs as a stream of chunks, in order. files: [(path, kind)]. A chunk never spans two files."""
+    for file_idx, (path, kind) in enumerate(files):
+        if kind == "text":
+            yield from _text_chunks(file_idx, path, val_fraction, block_bytes)
+        else:
+            yield from _record_chunks(file_idx, path, kind, block_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# work on one chunk; runs in a worker process (or in-process with --num_workers 1)
+
+_WORKER = {}  # this process's tokenizer and options, set by init_worker
+
+
+def init_worker(tok_state, opts):
+    # tiktoken's Encoding may not pickle: every worker rebuilds the tokenizer from its plain-data state
+    _WORKER["tok"] = Tokenizer.from_state(tok_state) if tok_state else None
+    _WORKER["opts"] = opts
+
+
+def _decode_block(chunk):
+    try:
+        return chunk["data"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{chunk['path']}: byte {chunk['offset'] + e.start} is not UTF-8 text; convert the file to "
+                         f"UTF-8") from None
+
+
+def _load_record(where, payload, parsed):
+    if parsed:
+        return payload
+    try:
+        return json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise ValueError(f"{where}: not valid JSON ({msg}); each line of a JSONL file must be one JSON object") from None
+
+
+def _text_field(where, rec):
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise ValueError(f'{where}: no "text" string field; --format text needs one {{"text": ...}} per line (use '
+                         f'--format chat for conversations)')
+    return rec["text"]
+
+
+def _usable_records(chunk):
+    """(where, text) for text data or (where, turns) for chat data, plus [(where, reason)] of skipped records."""
+    fmt, schema = _WORKER["opts"]["format"], _WORKER["opts"]["chat_schema"]
+    usable, skipped = [], []
+    for where, payload in chunk["items"]:
+        rec = _load_record(where, payload, chunk["parsed"])
+        if fmt == "text":
+            value, reason = _text_field(where, rec), None
+            if not value:
+                reason = "empty text"
+        else:
+            value, reason = conversation_turns(rec, schema)
+        if reason:
+            skipped.append((where, reason))
+        else:
+            usable.append((where, value))
+    return usable, skipped
+
+
+def chars_of_chunk(chunk):
+    """First pass of --tokenization char: the set of characters the chunk's text uses."""
+    if chunk["kind"] == "text":
+        return {"chars": set(_decode_block(chunk)), "nbytes": chunk["nbytes"]}
+    usable, _ = _usable_records(chunk)
+    chars = set()
+    for _, value in usable:
+        chars.update(value if isinstance(value, str) else "".join(content for _, content in value))
+    return {"chars": chars, "nbytes": chunk["nbytes"]}
+
+
+def encode_chunk(chunk):
+    """Tokenize one chunk. Returns the tokens (one numpy array, every document's or conversation's tokens back
+    to back), their loss mask (chat), the length of each record in it, and the skipped records."""
+    tok, opts = _WORKER["tok"], _WORKER["opts"]
+    dtype = token_dtype(tok.vocab_size)
+    out = {"file": chunk["file"], "nbytes": chunk["nbytes"], "mask": None, "skipped": []}
+    if chunk["kind"] == "text":
+        ids = tok.encode(_decode_block(chunk))
+        if chunk["end_of_doc"]:
+            ids.append(tok.eot_token)
+        out.update(split=chunk["split"], tokens=np.array(ids, dtype=dtype), docs=int(chunk["end_of_doc"]))
+        return out
+    usable, out["skipped"] = _usable_records(chunk)
+    ids, mask, lengths = [], [], []
+    for _, value in usable:
+        if opts["format"] == "text":
+            doc = tok.encode(value)
+            doc.append(tok.eot_token)
+            ids += doc
+            lengths.append(len(doc))
+        else:
+            conv_ids, conv_mask = render_chat(tok, value, opts["mask_role"], opts["train_on_prompt"], opts["mask_history"])
+            ids += conv_ids
+            mask += conv_mask
+            lengths.append(len(conv_ids))
+    out.update(split=None, tokens=np.array(ids, dtype=dtype), lengths=np.array(lengths, dtype=np.int64),
+               docs=len(lengths))
+    if opts["format"] == "chat":
+        out["mask"] = np.array(mask, dtype=np.uint8)
+    return out
+
+
+def run_chunks(fn, chunks, tok_state, opts, num_workers):
+    """fn(chunk) for every chunk, results in input order. With num_workers > 1 a process pool works on a bounded
+    window of chunks; Pool.imap is not used because its feeder thread would read the whole input into its queue."""
+    if num_workers == 1:
+        init_worker(tok_state, opts)
+        for chunk in chunks:
+            yield fn(chunk)
+        return
+    with multiprocessing.Pool(num_workers, initializer=init_worker, initargs=(tok_state, opts)) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(fn, (chunk,)))
+            if len(pending) >= 2 * num_workers:  # every worker has one chunk running and one queued
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing
+
+class ShardWriter:
+    """Appends tokens (and their mask) to split_dir/shard_NNNNN.bin (+ _mask.bin), starting a new shard every
+    tokens_per_shard tokens. bos_token: written once before the first record (chat data)."""
+
+    def __init__(self, split_dir, dtype, tokens_per_shard, has_mask, bos_token=None):
+        self.split_dir, self.dtype, self.tokens_per_shard = split_dir, dtype, tokens_per_shard
+        self.has_mask, self.bos_token = has_mask, bos_token
+        self.shards, self.tokens, self.mask_tokens, self.docs = [], 0, 0, 0
+        self._files, self._room = [], 0
+
+    def write(self, tokens, mask=None, docs=0):
+        self.docs += docs
+        if self.tokens == 0 and self.bos_token is not None and len(tokens):
+            tokens = np.concatenate([np.array([self.bos_token], dtype=self.dtype), tokens])
+            mask = np.concatenate([np.zeros(1, dtype=np.uint8), mask])
+        self.tokens += len(tokens)
+        if self.has_mask:
+            self.mask_tokens += int(np.count_nonzero(mask))
+        while len(tokens):
+            if self._room == 0:
+                self._next_shard()
+            n = min(self._room, len(tokens))
+            tokens[:n].tofile(self._files[0])
+            if self.has_mask:
+                mask[:n].tofile(self._files[1])
+                mask = mask[n:]
+            tokens = tokens[n:]
+            self.shards[-1]["tokens"] += n
+            self._room -= n
+
+    def _next_shard(self):
+        self.close()
+        name = f"shard_{len(self.shards):05d}"
+        os.makedirs(self.split_dir, exist_ok=True)
+        self._files = [open(os.path.join(self.split_dir, name + ".bin"), "wb")]
+        if self.has_mask:
+            self._files.append(open(os.path.join(self.split_dir, name + "_mask.bin"), "wb"))
+        self.shards.append({"file": name + ".bin", "tokens": 0})
+        self._room = self.tokens_per_shard
+
+    def close(self):
+        for f in self._files:
+            f.close()
+        self._files = []
+
+
+def _write_records(result, to_val, writers):
+    """Send each record of a result to train or val (to_val: one bool per record)."""
+    tokens, mask = result["tokens"], result["mask"]
+    per_token = np.repeat(to_val, result["lengths"])
+    for split, sel in (("train", ~per_token), ("val", per_token)):
+        n_docs = int(np.count_nonzero(to_val if split == "val" else ~to_val))
+        if n_docs:
+            writers[split].write(tokens[sel], None if mask is None else mask[sel], docs=n_docs)
+
+
+def _swap_in(tmp, out_dir):
+    """Put the finished tmp folder at out_dir; an existing out_dir is replaced only now, and restored on failure."""
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    old = f"{out_dir}.old-{os.getpid()}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def _write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per_shard, num_workers, mask_role,
+               chat_schema):
+    """Refuse bad arguments before anything is read or written. Returns [(path, kind)] of the inputs."""
+    if fmt not in ("text", "chat"):
+        raise ValueError(f"unknown --format {fmt!r}: use 'text' (documents) or 'chat' (conversations)")
+    if tokenization not in ("gpt2", "char"):
+        raise ValueError(f"unknown --tokenization {tokenization!r}: use 'gpt2' or 'char'")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val_fraction {val_fraction} is out of range: use a fraction in [0, 1), e.g. 0.1")
+    if tokens_per_shard < 1:
+        raise ValueError(f"--tokens_per_shard {tokens_per_shard} must be at least 1")
+    if num_workers < 1:
+        raise ValueError(f"--num_workers {num_workers} must be at least 1")
+    if mask_role not in ROLE_MARKERS:
+        raise ValueError(f"unknown --mask_role {mask_role!r}: use one of {', '.join(ROLE_MARKERS)}")
+    if chat_schema not in CHAT_SCHEMAS:
+        raise ValueError(f"unknown --chat_schema {chat_schema!r}: use one of {', '.join(CHAT_SCHEMAS)}")
+    if not input_files:
+        raise ValueError("no --input_files given")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir} exists and is not a folder: choose another --out_dir")
+    # an existing out_dir is replaced whole: refuse anything that is not an earlier dataset (think --out_dir .)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and \
+            not os.path.exists(os.path.join(out_dir, "dataset_metadata.json")):
+        raise ValueError(f"--out_dir {out_dir} exists and is not a dataset folder (no dataset_metadata.json), so it "
+                         f"will not be replaced: choose a new folder or remove it")
+    files = []
+    for path in input_files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: input file not found")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{path}: input file is empty")
+        files.append((path, input_kind(path, fmt)))
+    return files
+
+
+def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=0.1, tokens_per_shard=10_000_000,
+            seed=1337, num_workers=1, mask_role="assistant", chat_schema="auto", train_on_prompt=False,
+            mask_history=False, hf_dir=None, verbose=False, block_bytes=BLOCK_BYTES):
+    """Tokenize input_files into out_dir (layout in the module docstring). Returns the metadata dict it wrote.
+    Raises ValueError / FileNotFoundError / RuntimeError with a one-line message; out_dir is then untouched."""
+    t0 = time.time()
+    args = {"input_files": list(input_files), "out_dir": out_dir, "tokenization": tokenization, "format": fmt,
+            "val_fraction": val_fraction, "tokens_per_shard": tokens_per_shard, "seed": seed,
+            "num_workers": num_workers, "mask_role": mask_role, "chat_schema": chat_schema,
+            "train_on_prompt": train_on_prompt, "mask_history": mask_history, "hf_dir": hf_dir}
+    files = check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per_shard, num_workers,
+                       mask_role, chat_schema)
+    opts = {"format": fmt, "chat_schema": chat_schema, "mask_role": mask_role, "train_on_prompt": train_on_prompt,
+            "mask_history": mask_history}
+    total_bytes = sum(os.path.getsize(p) for p, _ in files)
+
+    def chunk_results(fn, tok_state, desc):
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
+                   disable=None if verbose else True)  # None: only on a terminal, so logs get no bar debris
+        with bar, closing(run_chunks(fn, iter_chunks(files, val_fraction, block_bytes), tok_state, opts,
+                                     num_workers)) as results:  # closing: an error here stops the pool at once
+            for result in results:
+                bar.update(result["nbytes"])
+                yield result
+
+    if tokenization == "char":  # the vocabulary comes from the data: a first pass collects its characters
+        chars = set()
+        for result in chunk_results(chars_of_chunk, None, "collecting characters"):
+            chars |= result["chars"]
+        tok = Tokenizer.char_from_texts(["".join(sorted(chars))])
+    else:
+        tok = Tokenizer("gpt2", hf_dir=hf_dir)
+    dtype = token_dtype(tok.vocab_size)
+
+    tmp = f"{os.path.normpath(out_dir)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    writers = {split: ShardWriter(os.path.join(tmp, split), dtype, tokens_per_shard, has_mask=fmt == "chat",
+                                  bos_token=tok.eot_token if fmt == "chat" else None) for split in ("train", "val")}
+    t_tok = time.time()
+    results = chunk_results(encode_chunk, tok.state_dict(), "tokenizing")
+    try:
+        os.makedirs(tmp)
+        skipped = write_splits(results, writers, files, fmt, val_fraction, seed, verbose)
+        seconds = time.time() - t_tok
+        meta = metadata(tok, fmt, tokenization, writers, skipped, files, args)
+        tok.save(os.path.join(tmp, "tokenizer_state.json"))
+        _write_json(meta, os.path.join(tmp, "dataset_metadata.json"))
+        _swap_in(tmp, out_dir)
+    finally:
+        results.close()
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        print(summary(meta, out_dir, seconds, time.time() - t0))
+    return meta
+
+
+def write_splits(results, writers, files, fmt, val_fraction, seed, verbose):
+    """Route the tokenized chunks to the train / val writers, in input order. Returns {skip reason: count}."""
+    rng = np.random.default_rng(seed)
+    skipped, skipped_per_file = Counter(), [Counter() for _ in files]
+    usable_per_file = [0] * len(files)
+    records = 0  # usable JSONL/JSON records so far (they, not plain text files, are split at random)
+    files_done = 0  # the files before this one have been read completely
+    # The newest records result is held back until the next one arrives: at the very end its last record can
+    # still go to an empty split, so that val (and train) get at least one record whenever there are two.
+    held = None
+    for result in results:
+        for where, reason in result["skipped"]:
+            if verbose and sum(skipped.values()) < SHOW_SKIPPED:
+                tqdm.write(f"skipped {where}: {reason}", file=sys.stderr)
+            skipped[reason] += 1
+            skipped_per_file[result["file"]][reason] += 1
+        usable_per_file[result["file"]] += result["docs"]
+        for i in range(files_done, result["file"]):  # fail early, not after hours of a later file
+            _check_file_usable(files[i][0], fmt, usable_per_file[i], skipped_per_file[i])
+        files_done = result["file"]
+        if held is not None:
+            _write_records(*held, writers)
+            held = None
+        if result["split"] is not None:  # a plain text block: its split is known from its byte offset
+            writers[result["split"]].write(result["tokens"], docs=result["docs"])
+        elif result["docs"]:
+            records += result["docs"]
+            held = (result, rng.random(result["docs"]) < val_fraction)
+    for i in range(files_done, len(files)):
+        _check_file_usable(files[i][0], fmt, usable_per_file[i], skipped_per_file[i])
+    if held is not None:
+        to_val = held[1]
+        if records >= 2 and val_fraction > 0 and writers["val"].docs == 0 and not to_val.any():
+            to_val[-1] = True
+        elif records >= 2 and writers["train"].docs == 0 and to_val.all():
+            to_val[-1] = False
+        _write_records(*held, writers)
+    for w in writers.values():
+        w.close()
+    return skipped
+
+
+def metadata(tok, fmt, tokenization, writers, skipped, files, args):
+    """dataset_metadata.json, in the order data.py and people read it."""
+    doc_key = "conversations" if fmt == "chat" else "documents"
+    splits = {}
+    for split, w in writers.items():
+        splits[split] = {"tokens": w.tokens, "shards": w.shards}
+        if fmt == "chat":
+            splits[split]["mask_tokens"] = w.mask_tokens
+        splits[split][doc_key] = w.docs
+    meta = {"format": fmt, "tokenization": tokenization, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token,
+            "token_dtype": np.dtype(token_dtype(tok.vocab_size)).name, "has_mask": fmt == "chat", "splits": splits}
+    if fmt == "chat":
+        total = sum(w.tokens for w in writers.values())
+        meta["mask_fraction"] = sum(w.mask_tokens for w in writers.values()) / max(total, 1)
+    meta[doc_key] = sum(w.docs for w in writers.values())
+    meta["skipped"] = dict(skipped)
+    meta["input_files"] = [os.path.abspath(p) for p, _ in files]
+    meta["args"] = args
+    meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return meta
+
+
+def _check_file_usable(path, fmt, usable, skipped):
+    if usable:
+        return
+    if not skipped:
+        raise ValueError(f"{path}: no usable record (the file holds only blank lines)")
+    reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common(3))
+    hint = ("; chat records need OpenAI 'messages', ShareGPT 'conversations', Alpaca 'instruction'/'output' or "
+            "'prompt'/'completion', with an assistant answer") if fmt == "chat" else ""
+    raise ValueError(f"{path}: no usable record ({reasons}){hint}")
+
+
+def summary(meta, out_dir, tokenize_seconds, total_seconds):
+    doc_key = "conversations" if meta["format"] == "chat" else "documents"
+    lines = [f"wrote {out_dir}: {meta['format']} data, {meta['tokenization']} tokenizer (vocab {meta['vocab_size']}), "
+             f"{meta['token_dtype']} tokens"]
+    for split, s in meta["splits"].items():
+        line = (f"  {split:5s} {s['tokens']:>12,} tokens  {len(s['shards']):>3} shard(s)  {s[doc_key]:>9,} {doc_key}")
+        if meta["has_mask"]:
+            line += f"  {s['mask_tokens'] / max(s['tokens'], 1):6.1%} trained (mask 1)"
+        lines.append(line)
+    if meta["skipped"]:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(meta["skipped"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  skipped {sum(meta['skipped'].values()):,} record(s): {reasons}")
+    if meta["has_mask"]:
+        lines.append(f"  mask fraction {meta['mask_fraction']:.3f} over {meta[doc_key]:,} {doc_key}")
+    if meta["splits"]["val"]["tokens"] == 0:
+        lines.append("  note: val is empty (val_fraction 0, or a single record): train.py needs a val split")
+    total = sum(s["tokens"] for s in meta["splits"].values())
+    lines.append(f"  {total:,} tokens in {total_seconds:.2f}s ({total / max(tokenize_seconds, 1e-9):,.0f} tokens/s "
+                 f"tokenizing)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Tokenize text or chat files into shards for train.py.")
+    p.add_argument("--input_files", nargs="+", required=True, help=".txt (or any plain text), .jsonl or .json files")
+    p.add_argument("--out_dir", required=True, help="dataset folder to write (replaced only once complete)")
+    p.add_argument("--tokenization", default="gpt2", help="gpt2 (BPE, 50257 ids) | char (vocabulary from the data)")
+    p.add_argument("--format", default="text", dest="fmt", help="text (documents) | chat (conversations)")
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--tokens_per_shard", type=int, default=10_000_000)
+    p.add_argument("--seed", type=int, default=1337, help="seeds which records go to val")
+    p.add_argument("--num_workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--mask_role", default="assistant", help="chat: the role whose text is trained on")
+    p.add_argument("--chat_schema", default="auto", help="auto | openai | sharegpt | alpaca | prompt_completion")
+    p.add_argument("--train_on_prompt", action="store_true", help="chat: train on every token, not just answers")
+    p.add_argument("--mask_history", action="store_true", help="chat: train only on the last assistant turn")
+    p.add_argument("--hf_dir", default=None, help="gpt2: BPE from this Hugging Face folder's vocab.json + merges.txt")
+    a = p.parse_args(argv)
+    try:
+        prepare(a.input_files, a.out_dir, a.tokenization, a.fmt, a.val_fraction, a.tokens_per_shard, a.seed,
+                a.num_workers, a.mask_role, a.chat_schema, a.train_on_prompt, a.mask_history, a.hf_dir, verbose=True)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
