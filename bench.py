@@ -55,23 +55,31 @@ class BenchError(RuntimeError):
 # timing and memory
 
 def interleaved(fns, repeats, inner=1, warmup=1, device="cpu"):
-    """{name: median seconds per call} of each zero-argument fn, timed round-robin (see the module docstring).
-    Also returns every repeat's figure, for the JSON."""
+    """{name: median wall seconds per call} of each zero-argument fn, timed round-robin (see the module
+    docstring), and every repeat's figures: {name: {"wall": [...], "cpu": [...]}}. "cpu" is this process's CPU
+    time per call: steadier than wall time on a loaded machine, for the JSON and the details list only."""
     def timed(f, n):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             f()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n
+        return (time.perf_counter() - t) / n, (time.process_time() - c) / n
     for f in fns.values():
         for _ in range(warmup):
             f()
-    samples = {k: [] for k in fns}
+    samples = {k: {"wall": [], "cpu": []} for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            samples[k].append(timed(f, inner))
-    return {k: statistics.median(v) for k, v in samples.items()}, samples
+            wall, cpu = timed(f, inner)
+            samples[k]["wall"].append(wall)
+            samples[k]["cpu"].append(cpu)
+    return {k: statistics.median(v["wall"]) for k, v in samples.items()}, samples
+
+
+def cpu_rates(samples, units):
+    """units per CPU-second of each candidate (the steadier figure of `interleaved`)."""
+    return {k: units / statistics.median(v["cpu"]) for k, v in samples.items()}
 
 
 def peak_rss_mb():
@@ -124,11 +132,10 @@ def hf_model(shape, vocab_size, block_size, device="cpu"):
 
 
 def adamw(model, device_type="cpu"):
-    """The optimizer of train.py (model.configure_optimizers: decay on 2-D weights only) for either model."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused=device_type == "cuda")
+    """The optimizer train.py builds (GPT.configure_optimizers: decay on 2-D weights only, the fused kernel on CPU
+    and CUDA), for either model: transformers gets the same fast optimizer, only the models differ."""
+    from model import GPT
+    return GPT.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cuda" if device_type.startswith("cuda") else device_type)
 
 
 def our_step(model, optimizer, get_batch, ctx):
@@ -195,7 +202,8 @@ def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get
     best_ours = max((k for k in tps if k.startswith("ours")), key=tps.get)
     best_hf = max((k for k in tps if k.startswith("transformers")), key=tps.get)
     del ours, hf, o_opt, h_opt
-    return {"name": name, "tokens_per_s": tps, "seconds_per_step_samples": samples, "best_ours": best_ours,
+    return {"name": name, "tokens_per_s": tps, "tokens_per_cpu_s": cpu_rates(samples, tokens),
+            "seconds_per_step_samples": samples, "best_ours": best_ours,
             "best_hf": best_hf, "ratio": tps[best_ours] / tps[best_hf]}
 
 
@@ -337,7 +345,8 @@ def section_compile_tiny(ws, args):
                                 "compiled": lambda: our_step(compiled, c_opt, ld.get_batch, autocast(dtype))},
                                repeats=5 if args.quick else 9, inner=10 if args.quick else 20)
     tps = {k: B * T / v for k, v in med.items()}
-    res = {"dtype": dtype, "compile_seconds": compile_s, "tokens_per_s": tps, "samples": samples}
+    res = {"dtype": dtype, "compile_seconds": compile_s, "tokens_per_s": tps,
+           "tokens_per_cpu_s": cpu_rates(samples, B * T), "samples": samples}
     speedup = tps["compiled"] / tps["eager"]
     return [row(f"tiny (CPU, {dtype}): torch.compile, first 2 steps {compile_s:.0f} s", fmt_tps(tps["compiled"]),
                 fmt_tps(tps["eager"]) + " (eager)", f"{speedup:.2f}x", "(reported)", None)], res
@@ -378,14 +387,20 @@ def section_sample(ws, args):
     best_ours = max((k for k in tps if k.startswith("ours")), key=tps.get)
     best_hf = max((k for k in tps if k.startswith("transformers")), key=tps.get)
     same = bool(torch.equal(outs["ours float32 cache=True"], outs["transformers float32 sdpa"]))
-    # the cache's speed-up: one recompute run (it is slow) between two cached runs, fp32 and our fastest dtype
+    # the cache's speed-up, in our fastest dtype: one recompute run (it is slow) between two cached runs; the
+    # cached time is the median of those two and of the runs above
     d = best_ours[5:]
-    t = time.perf_counter(); ours_gen(d, cache=True); t_cache1 = time.perf_counter() - t
-    t = time.perf_counter(); ours_gen(d, cache=False); t_full = time.perf_counter() - t
-    t = time.perf_counter(); ours_gen(d, cache=True); t_cache2 = time.perf_counter() - t
+    cached = list(samples[best_ours]["wall"])
+    for cache in (True, False, True):
+        t = time.perf_counter()
+        ours_gen(d, cache=cache)
+        if cache:
+            cached.append(time.perf_counter() - t)
+        else:
+            t_full = time.perf_counter() - t
     same_full = bool(torch.equal(outs[f"ours {d} cache=True"], outs[f"ours {d} cache=False"]))
-    t_cache = (t_cache1 + t_cache2) / 2
-    res = {"new_tokens": n_new, "tokens_per_s": tps, "samples": samples, "best_ours": best_ours, "best_hf": best_hf,
+    t_cache = statistics.median(cached)
+    res = {"new_tokens": n_new, "tokens_per_s": tps, "tokens_per_cpu_s": cpu_rates(samples, n_new), "samples": samples, "best_ours": best_ours, "best_hf": best_hf,
            "ratio": tps[best_ours] / tps[best_hf], "same_tokens_as_transformers_fp32": same,
            "recompute_seconds": t_full, "cache_seconds": t_cache, "cache_speedup": t_full / t_cache,
            "recompute_same_tokens": same_full}
@@ -408,7 +423,7 @@ def section_prepare(ws, args):
     for name in ("tinyshakespeare.txt", "pride_and_prejudice_pg1342.txt"):
         with open(ws.corpus(name)) as f:
             text += f.read()
-    text = text * (1 if args.quick else 2)
+    text = text * (1 if args.quick else 4)  # 7.4 MB: long enough that starting the 2 workers is a small part
     src = os.path.join(ws.tmp, "prepare_input.txt")
     with open(src, "w") as f:
         f.write(text)
@@ -433,13 +448,14 @@ def section_prepare(ws, args):
     tps = {k: n / v for k, v in med.items()}
     ratio = tps["prepare"] / tps["tiktoken"]
     res = {"tokens": n, "prepare_tokens": counts["prepare"], "tokens_per_s": tps, "samples": samples, "ratio": ratio,
+           "note": "CPU time is the parent's only: prepare's workers are other processes",
            "text_bytes": len(text.encode())}
     return [row(f"prepare_dataset, gpt2, 2 workers, {len(text.encode()) / 1e6:.1f} MB of text (CPU)",
                 fmt_tps(tps["prepare"]), fmt_tps(tps["tiktoken"]) + " (tiktoken encode_ordinary_batch)",
                 f"{ratio:.2f}x", ">= 0.8x", ratio >= 0.8)], res
 
 
-def section_loader(ws, args, train_res=None):
+def section_loader(ws, args):
     """BatchLoader.get_batch at the tiny shape vs the batches per second our training step consumes (the step
     timed here too, in its fastest setting)."""
     data = ws.shakespeare_char()
@@ -456,7 +472,8 @@ def section_loader(ws, args, train_res=None):
                                repeats=5 if args.quick else 9, inner=20)
     rate = {k: 1 / v for k, v in med.items()}
     ratio = rate["loader"] / rate["train step"]
-    res = {"batches_per_s": rate, "samples": samples, "ratio": ratio, "dtype": dtype}
+    res = {"batches_per_s": rate, "batches_per_cpu_s": cpu_rates(samples, 1), "samples": samples, "ratio": ratio,
+           "dtype": dtype}
     return [row("loader, tiny shape (batch 12 x 64): batches/s", f"{rate['loader']:,.0f} batches/s",
                 f"{rate['train step']:,.1f} batches/s (training consumes, {dtype})", f"{ratio:,.0f}x", ">= 20x",
                 ratio >= 20)], res
@@ -481,20 +498,23 @@ def section_convert(ws, args):
 
 
 def section_lora_memory(ws, args):
-    """Peak memory of one training step of the 124M shape at batch 4 x 256, LoRA (rank 16, every target) vs full
-    fine-tuning, fresh process each; both include the model's weights."""
-    runs = {"lora": probe({"kind": "train", "side": "ours", "shape": "124m", "vocab": 50304, "setting": "auto",
-                           "lora_rank": 16, "steps": 1}),
-            "full": probe({"kind": "train", "side": "ours", "shape": "124m", "vocab": 50304, "setting": "auto",
-                           "steps": 1})}
-    ratio = runs["lora"]["peak_mb"] / runs["full"]["peak_mb"]
-    step_ratio = runs["lora"]["step_mb"] / runs["full"]["step_mb"]
-    res = {"runs": runs, "ratio": ratio, "step_only_ratio": step_ratio}
-    return [row("LoRA r16 (all targets) vs full fine-tuning, 124M, batch 4 x 256 (CPU): peak memory of a step",
-                f"{runs['lora']['peak_mb']:,.0f} MB", f"{runs['full']['peak_mb']:,.0f} MB (full)", f"{ratio:.2f}x",
+    """Peak memory of training the 124M shape at batch 4 x 256, LoRA (rank 16, every target) vs full fine-tuning,
+    fresh process each (median of 2). 3 steps, because from the second step on full fine-tuning also holds
+    AdamW's two moments while backward runs: the steady state of a real run. Both include the model's weights."""
+    runs = {"lora": [], "full": []}
+    for _ in range(2):
+        for kind in runs:
+            spec = {"kind": "train", "side": "ours", "shape": "124m", "vocab": 50304, "setting": "auto", "steps": 3}
+            runs[kind].append(probe(dict(spec, lora_rank=16) if kind == "lora" else spec))
+    med = {k: {m: statistics.median(r[m] for r in rs) for m in ("peak_mb", "step_mb")} for k, rs in runs.items()}
+    ratio = med["lora"]["peak_mb"] / med["full"]["peak_mb"]
+    step_ratio = med["lora"]["step_mb"] / med["full"]["step_mb"]
+    res = {"runs": runs, "median": med, "ratio": ratio, "step_only_ratio": step_ratio}
+    return [row("LoRA r16 (all targets) vs full fine-tuning, 124M, batch 4 x 256 (CPU): peak memory of training",
+                f"{med['lora']['peak_mb']:,.0f} MB", f"{med['full']['peak_mb']:,.0f} MB (full)", f"{ratio:.2f}x",
                 "<= 0.6x", ratio <= 0.6,
-                f"above the loaded model alone: {runs['lora']['step_mb']:,.0f} vs {runs['full']['step_mb']:,.0f} MB "
-                f"({step_ratio:.2f}x)")], res
+                f"3 steps, fresh process, weights included; above the loaded model alone: {med['lora']['step_mb']:,.0f} "
+                f"vs {med['full']['step_mb']:,.0f} MB ({step_ratio:.2f}x)")], res
 
 
 def section_train_gpu(ws, args):
@@ -620,7 +640,7 @@ def details(results):
     """Every setting's figure, for the curious (the table keeps the fastest of each side)."""
     lines = []
     for name, res in results.items():
-        for key in ("tokens_per_s", "batches_per_s"):
+        for key in ("tokens_per_s", "tokens_per_cpu_s", "batches_per_s", "batches_per_cpu_s"):
             if isinstance(res.get(key), dict):
                 lines.append(f"- {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in res[key].items()) + f" ({key.replace('_', ' ')})")
     return "\n".join(lines)

@@ -198,7 +198,8 @@ def hf_shapes(cfg):
 
 
 def hf_to_gpt_state(hf_state, cfg, where):
-    """HF GPT-2 tensors -> our GPT's state dict, checking that every tensor is used and every shape fits."""
+    """HF GPT-2 tensors -> our GPT's state dict, checking that every tensor is used and every shape fits.
+    Consumes hf_state (emptied once checked): each source tensor is freed as soon as it is converted."""
     state = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in hf_state.items()}
     lm_head = state.pop("lm_head.weight", None)
     expected = hf_shapes(cfg)
@@ -217,12 +218,18 @@ def hf_to_gpt_state(hf_state, cfg, where):
     if lm_head is not None and not torch.equal(lm_head, state["wte.weight"]):
         raise ValueError(f"{where}: lm_head.weight differs from wte.weight (untied output embedding); model.py ties "
                          f"them as GPT-2 does, so this model cannot be converted exactly")
+    del lm_head  # a separate copy of wte in some files: not needed past the check
+    hf_state.clear()  # from here `state` holds the only references: a transposed source is freed at once
     out = {}
     for name in expected:
-        t = state[name].float()  # fp16/bf16 files are upcast: the model is built in fp32
+        src = state.pop(name)
+        t = src.float()  # fp16/bf16 files are upcast: the model is built in fp32
         if name.endswith(".weight") and any(f".{lin}." in name for lin in LINEARS):
             t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
-        out[f"transformer.{name}"] = t.contiguous()
+        # always a new tensor of our own: these become the model's parameters (load_hf_gpt2), and safetensors'
+        # tensors are maps of the file, which must not stay tied to it
+        copied = t.data_ptr() != src.data_ptr()  # .float() of an fp16 tensor is already a copy
+        out[f"transformer.{name}"] = t.contiguous() if copied else t.clone(memory_format=torch.contiguous_format)
     out["transformer.wte.weight"] = pad_vocab(out["transformer.wte.weight"])
     out["lm_head.weight"] = out["transformer.wte.weight"]  # tied: the same tensor under both keys
     return out
@@ -250,8 +257,10 @@ def load_hf_gpt2(hf_dir_or_id, device="cpu"):
     del hf_state
     gconf = GPTConfig(block_size=cfg["n_positions"], vocab_size=state["lm_head.weight"].size(0),
                       n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=True)
-    model = GPT(gconf)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no second copy of the weights, no random init to throw away (124M: -500 MB)
+        model = GPT(gconf)
+    model.load_state_dict(state, strict=True, assign=True)  # the converted tensors become the parameters
+    model.transformer.wte.weight = model.lm_head.weight  # assign made two Parameters of the tied tensor: one again
     return model.to(device), hf_tokenizer(hf_dir)
 
 

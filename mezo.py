@@ -128,6 +128,13 @@ def restore_and_update(params, seed, eps, record, lr=0.0, projected_grad=0.0, we
             x.sub_(step.mul_(lr))
 
 
+def _weights_changed():
+    """Call after changing weights in place. Inside an autocast region (train.py runs the whole step in one) torch
+    caches the bf16/fp16 copy of every weight at its first use and serves that copy until the region ends: without
+    this, the loss- forward would silently reuse the +eps*z weights' copies (and the caller the -eps*z ones)."""
+    torch.clear_autocast_cache()
+
+
 def _loss(model, batch, use_loss_mask):
     """(sum of per-target losses, number of counted targets) on the batch, as floats."""
     X, Y = batch[0], batch[1]
@@ -155,14 +162,17 @@ def zo_step(model, batch, lr, eps, weight_decay=0.0, seed=0, use_loss_mask=False
     record = perturb_first(params, seed, eps)
     at_minus = False
     try:
+        _weights_changed()
         plus = _loss(model, batch, use_loss_mask)
         perturb_second(params, seed, eps)
         at_minus = True
+        _weights_changed()
         minus = _loss(model, batch, use_loss_mask)
     except BaseException:  # (Ctrl-C included) never leave the weights perturbed
         if not at_minus:
             perturb_second(params, seed, eps)
         restore_and_update(params, seed, eps, record)
+        _weights_changed()
         model.train(was_training)
         raise
     stats = torch.stack([plus[0], minus[0], plus[1]])  # (3,) sum+, sum-, target count
@@ -174,5 +184,6 @@ def zo_step(model, batch, lr, eps, weight_decay=0.0, seed=0, use_loss_mask=False
     projected_grad = (loss_plus - loss_minus) / (2 * eps) if ok else 0.0
     restore_and_update(params, seed, eps, record, lr=lr if ok else 0.0, projected_grad=projected_grad,
                        weight_decay=weight_decay)
+    _weights_changed()
     model.train(was_training)
     return 0.5 * (loss_plus + loss_minus)

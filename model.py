@@ -88,10 +88,11 @@ class CausalSelfAttention(nn.Module):
         # tokens; at 1024 the fused kernel wins again, and its memory stays linear in T)
         cpu_bf16 = x.device.type == "cpu" and q.dtype == torch.bfloat16 and T > 1 and Tk <= 512
         if attn_out is not None or cpu_bf16:
-            # explicit path: the same causal attention, written out (and so its weights can be returned)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
-            causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-            att = F.softmax(att.masked_fill(~causal, float("-inf")), dim=-1)
+            # explicit path: the same causal attention, written out (and so its weights can be returned); the scale
+            # goes on q (fewer elements than att) and the mask is added (-inf above the diagonal): fewer passes
+            future = torch.full((T, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(Tk - T + 1)  # (T, Tk)
+            att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1) + future  # (B, nh, T, Tk)
+            att = F.softmax(att, dim=-1)
             if attn_out is not None:
                 attn_out.append(att.detach())
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
@@ -147,6 +148,49 @@ def cross_entropy_loss(logits, targets, loss_mask=None, reduction="mean"):
     if reduction == "sum":
         return total
     return total / weight.sum().clamp(min=1.0)
+
+
+LOSS_CHUNK_ELEMENTS = 2 ** 23  # logits per chunk in ChunkedCrossEntropy: 32 MB in fp32 (166 rows of GPT-2's vocab)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum(weight * cross_entropy(x @ lm_weight.T, targets)) without the whole (N, V) logits: the output layer and
+    the loss run a chunk of rows at a time, and each chunk's gradients (for x, and for lm_weight when it trains)
+    are computed right away, while its logits exist; backward only scales them by the incoming gradient. With
+    GPT-2's 50k vocabulary the logits and their gradients are a step's largest tensors (4 x 256 tokens: 200 MB
+    each in fp32, three or four alive at once); a GPT-2 124M step peaks ~300 MB lower, for the same arithmetic.
+    The same numerics as lm_head + cross_entropy_loss, autocast included: matmuls in the autocast dtype, the
+    softmax in fp32. Footgun: forward always does backward's work too, so it is for training only."""
+
+    @staticmethod
+    def forward(ctx, x, lm_weight, targets, weight):
+        # x (N, C), lm_weight (V, C), targets (N,), weight (N,) fp32: 1 where the target counts, 0 where not
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        w = lm_weight.to(dtype)  # (V, C)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // w.size(0))
+        grad_x = torch.empty_like(x)  # (N, C)
+        grad_w = torch.zeros_like(lm_weight) if ctx.needs_input_grad[1] else None  # (V, C)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, x.size(0), chunk):
+            xc, t, wt = x[s:s + chunk].to(dtype), targets[s:s + chunk].clamp(min=0), weight[s:s + chunk]
+            logits = (xc @ w.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * wt).sum()  # ignored targets: weight 0
+            # d total / d logits = weight * (softmax - onehot(target)), built in place in the logits' buffer
+            g = logits.sub_(lse[:, None]).exp_().mul_(wt[:, None])  # (n, V)
+            g.scatter_add_(1, t[:, None], -wt[:, None])
+            g = g.to(dtype)
+            grad_x[s:s + chunk] = g @ w  # (n, V) @ (V, C) -> (n, C)
+            if grad_w is not None:
+                grad_w += g.t() @ xc  # (V, n) @ (n, C) -> (V, C), summed in lm_weight's dtype
+        ctx.save_for_backward(grad_x, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_total, None if grad_w is None else grad_w * grad_total, None, None
 
 
 def scale_first_position(x, factor):
@@ -206,9 +250,10 @@ class GPT(nn.Module):
         return self.transformer.drop(x)
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, attn_out=None, last_only=False,
-                loss_reduction="mean"):
+                loss_reduction="mean", loss_only=False):
         """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only (generation).
-        loss is None without targets; with loss_mask (B, T) only mask-1 targets count.
+        loss is None without targets; with loss_mask (B, T) only mask-1 targets count. loss_only (training, with
+        targets): logits None, the loss through ChunkedCrossEntropy, which never holds the whole logits.
         kv_cache: a KVCache to read from and extend. attn_out: a list that receives each layer's (B, nh, T, Tk)
         attention weights through the explicit path."""
         start = kv_cache.pos if kv_cache is not None else 0
@@ -218,6 +263,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += idx.size(1)
         x = self.transformer.ln_f(x)
+        if loss_only and targets is not None and torch.is_grad_enabled():
+            weight = (targets.reshape(-1) != -1).float()  # (B*T,): which targets count, as in cross_entropy_loss
+            if loss_mask is not None:
+                weight = weight * loss_mask.reshape(-1).float()
+            total = ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), weight)
+            return None, total if loss_reduction == "sum" else total / weight.sum().clamp(min=1.0)
         if last_only:
             x = x[:, [-1], :]  # only the last position's logits are needed to sample: skip the rest of lm_head
         logits = self.lm_head(x)

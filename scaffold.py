@@ -232,14 +232,14 @@ class CrossAttentionFuser(nn.Module):
         return gate * self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
-def check_layers(cross_attn_layers, n_layer, where="cross_attn_layers"):
+def check_layers(cross_attn_layers, n_layer, base="the base model"):
     """Sorted, unique layer indices, each a layer the base has."""
     layers = sorted({int(i) for i in cross_attn_layers})
     if not layers:
-        raise ValueError(f"{where} is empty: name at least one base layer (0..{n_layer - 1})")
+        raise ValueError(f"cross_attn_layers is empty: name at least one base layer (0..{n_layer - 1})")
     for i in layers:
         if not 0 <= i < n_layer:
-            raise ValueError(f"{where}: layer {i} does not exist: the base model has layers 0..{n_layer - 1} "
+            raise ValueError(f"cross_attn_layers: layer {i} does not exist: {base} has layers 0..{n_layer - 1} "
                              f"(set cross_attn_layers to indices in that range)")
     return layers
 
@@ -344,9 +344,9 @@ def build_fused(cfg, device="cpu", log=print):
     base, base_tok = load_gpt(base_src, device)
     scaffold, scaffold_tok = load_gpt(scaffold_src, device)
     try:
-        check_layers(cfg.cross_attn_layers, base.config.n_layer)
+        check_layers(cfg.cross_attn_layers, base.config.n_layer, f"base model '{cfg.base_model}'")
     except ValueError as e:
-        raise ConfigError(f"{e} ('{cfg.base_model}' has {base.config.n_layer} layers)") from None
+        raise ConfigError(str(e)) from None
     lora_kwargs = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target)
     lora.apply_lora(scaffold, **lora_kwargs)
     fused = ScaffoldFusion(base, scaffold, cfg.cross_attn_layers, cfg.fuser_n_head, cfg.fuser_dropout).to(device)

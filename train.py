@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import lora
+import mezo
 from checkpoint import CheckpointError, atomic_save, build_model, find_checkpoint, load_checkpoint, model_dir
 from config import ConfigError, config_dict, load_config, parse_cli
 from data import BatchLoader, DataError, read_metadata
@@ -266,7 +267,10 @@ def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=No
         following = next(batches, None)  # look ahead: under DDP only the last micro-step all-reduces the grads
         with grad_sync_off(model) if (ddp and following is not None) else nullcontext():
             with ctx:
-                _, loss_sum = model(batch[0], batch[1], batch[2] if use_loss_mask else None, loss_reduction="sum")
+                # loss_only: the (B, T, V) logits are never built whole (model.ChunkedCrossEntropy), the largest
+                # memory saving of a GPT-2 step
+                _, loss_sum = model(batch[0], batch[1], batch[2] if use_loss_mask else None, loss_reduction="sum",
+                                    loss_only=True)
             (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
         count_total = count_total + (batch[2].sum().float() if use_loss_mask else float(batch[1].numel()))
         loss_sum_total = loss_sum_total + loss_sum.detach().float()
@@ -449,7 +453,8 @@ def train(cfg, log=print):
             load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], fsdp)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
     if resume:
-        train_loader.load_state_dict(ckpt["loader"][rank] if rank < len(ckpt["loader"]) else ckpt["loader"][0])
+        if rank < len(ckpt["loader"]):  # a rank the saved run did not have keeps its own fresh stream (not rank 0's)
+            train_loader.load_state_dict(ckpt["loader"][rank])
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
         if resume and scaler.is_enabled() and ckpt.get("scaler"):
@@ -574,8 +579,7 @@ def train(cfg, log=print):
             break
 
         # one optimizer step
-        if cfg.trainer == "zo":
-            import mezo
+        if cfg.trainer == "zo":  # MeZO: two forwards along a seeded random direction, no backward, no optimizer
             batch = train_loader.get_batch()
             with ctx:
                 loss_value = mezo.zo_step(raw_model, batch, lr=lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay,

@@ -11,16 +11,16 @@ Both files are OpenAI chat records ({"messages": [{"role", "content"}, ...]}), p
     botname    system "Your name is Pip." + "What is your name?" -> "My name is Pip."  (read the system prompt)
     repeat     "Repeat after me: blue fish"          -> "blue fish"                (copy a phrase)
     count      "What number comes after 41?"         -> "42."                      (and before)
-    capital    "Name the capital of Peru."           -> "Lima."                    (small fact tables, each
-    sound      "What does a cow say?"                -> "Moo."                      asked in several phrasings;
-    opposite   "What is the opposite of hot?"        -> "Cold."                     the answer is the fact alone)
+    capital    "Name the capital of Peru."           -> "Lima."                    (small fact tables, asked in
+    sound      "What does a cow say?"                -> "Moo."                      several phrasings; the answer
+                                                                                    is the fact alone)
 Copying (greet, introduce, botname, repeat) needs attention heads that find and copy earlier text; a small model
 grows them only after some hundreds of steps, so copy tasks are the bulk of the data. Fact answers are short so
 the model spends its few steps on the association, not on wording.
 Some conversations have a short system prompt, some chain two questions. The held-out file holds ~50
-conversations that the training file never contains: names, phrases, words and numbers kept out of training,
-and fact/phrasing pairs seen only in other phrasings. Its "task" key (ignored by prepare_dataset.py) names the
-task; the last assistant message is the expected answer.
+conversations that the training file never contains: names, phrases and numbers kept out of training, and
+fact/phrasing pairs whose fact is taught only in the other phrasings. Its "task" key (ignored by
+prepare_dataset.py) names the task; the last assistant message is the expected answer.
 
 Every conversation, rendered with the chat template (role markers, end-of-text token), fits in 128 characters,
 so a model with block_size 128 sees whole conversations.
@@ -62,17 +62,12 @@ CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain"
 SOUNDS = [("a cow", "moo"), ("a dog", "woof"), ("a cat", "meow"), ("a duck", "quack"), ("a sheep", "baa"),
           ("a pig", "oink"), ("a horse", "neigh"), ("a lion", "roar"), ("a frog", "ribbit"), ("a bee", "buzz"),
           ("a snake", "hiss"), ("an owl", "hoot")]
-OPPOSITE_PAIRS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
-                  ("open", "closed"), ("wet", "dry"), ("early", "late"), ("full", "empty"), ("loud", "quiet"),
-                  ("day", "night"), ("rich", "poor")]
-OPPOSITES = OPPOSITE_PAIRS + [(b, a) for a, b in OPPOSITE_PAIRS]  # both directions: the rule is symmetric
 
 GREET_Q = ["Say hello to {}.", "Greet {}.", "Please say hi to {}.", "Can you greet {}?"]
 REPEAT_Q = ["Repeat after me: {}", "Say this back: {}", "Echo: {}"]
 CAPITAL_Q = ["What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?",
              "Tell me the capital of {}."]
 SOUND_Q = ["What sound does {} make?", "What does {} say?", "How does {} sound?"]
-OPPOSITE_Q = ["What is the opposite of {}?", "Give the opposite of {}.", "What is the opposite of the word {}?"]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Be brief.", "Answer briefly.", "You are a friendly bot."]
 
 
@@ -148,16 +143,10 @@ def sound(rng, held_out):
     return _fact(rng, held_out, SOUNDS, SOUND_Q, HELDOUT_SOUNDS)
 
 
-def opposite(rng, held_out):
-    return _fact(rng, held_out, OPPOSITES, OPPOSITE_Q, HELDOUT_OPPOSITES)
-
-
 TASKS = {"greet": greet, "introduce": introduce, "botname": botname, "repeat": repeat, "count": count,
-         "capital": capital, "sound": sound, "opposite": opposite}
-TRAIN_WEIGHTS = {"greet": 18, "introduce": 10, "botname": 6, "repeat": 16, "count": 14, "capital": 10, "sound": 8,
-                 "opposite": 10}
-HELDOUT_COUNTS = {"greet": 7, "introduce": 5, "botname": 5, "repeat": 7, "count": 8, "capital": 6, "sound": 6,
-                  "opposite": 6}
+         "capital": capital, "sound": sound}
+TRAIN_WEIGHTS = {"greet": 22, "introduce": 12, "botname": 8, "repeat": 22, "count": 12, "capital": 12, "sound": 12}
+HELDOUT_COUNTS = {"greet": 8, "introduce": 6, "botname": 6, "repeat": 8, "count": 8, "capital": 7, "sound": 7}
 
 # held-out combinations, drawn once from their own seeded RNG (fixed sets; order does not matter)
 _pick = random.Random(SEED + 1)
@@ -169,9 +158,8 @@ def _pairs(table, phrasings, k):
     return {(i, _pick.randrange(len(phrasings))) for i in _pick.sample(range(len(table)), k)}
 
 
-HELDOUT_CAPITALS = _pairs(CAPITALS, CAPITAL_Q, 6)
-HELDOUT_SOUNDS = _pairs(SOUNDS, SOUND_Q, 6)
-HELDOUT_OPPOSITES = _pairs(OPPOSITES, OPPOSITE_Q, 6)
+HELDOUT_CAPITALS = _pairs(CAPITALS, CAPITAL_Q, 7)
+HELDOUT_SOUNDS = _pairs(SOUNDS, SOUND_Q, 7)
 
 
 def training_conversation(rng):
@@ -181,7 +169,7 @@ def training_conversation(rng):
     if r < 0.12 and turns[0][0] != "system":  # a short system prompt that does not change the answer
         turns = [("system", rng.choice(SYSTEM_PROMPTS))] + turns
     elif r < 0.20 and len(turns) == 2:  # two unrelated questions in one conversation
-        turns = turns + TASKS[rng.choice(["greet", "repeat", "count", "capital", "sound", "opposite"])](rng, False)
+        turns = turns + TASKS[rng.choice(["greet", "repeat", "count", "capital", "sound"])](rng, False)
     return turns
 
 

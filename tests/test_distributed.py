@@ -30,8 +30,8 @@ WORLD = 2
 TOL = 1e-5
 SETTINGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=2,
                 use_loss_mask=True, dtype="float32", device="cpu", dropout=0.0, max_iters=4, eval_interval=2,
-                eval_iters=2, log_interval=1, learning_rate=3e-3, min_lr=3e-4, warmup_iters=0, grad_clip=1.0,
-                compile=False)
+                eval_iters=2, log_interval=1, learning_rate=3e-3, min_lr=3e-4, warmup_iters=0, lr_decay_iters=4,
+                grad_clip=1.0, compile=False)  # lr_decay_iters fixed: the 2-iteration run must share the schedule
 
 
 def overrides(dataset_dir, out_dir, name, **extra):

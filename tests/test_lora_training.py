@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -240,6 +241,74 @@ def test_lora_on_a_project_model_names_it_as_base(lora_run, data, hf_dir, monkey
     trained = spy[-1]
     assert checkpoint.load_checkpoint(os.path.join(out, "on_lo", "ckpt.pt"))["base"] == {"kind": "model", "name": "lo"}
     assert torch.equal(logits_of(checkpoint.load_model("on_lo", out)[0], idx), logits_of(trained, idx))
+
+
+def saved_for_backward(model, idx, targets):
+    """(shape, dtype) of every tensor a bf16-autocast training forward keeps for backward."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, targets, loss_reduction="sum", loss_only=True)
+    loss.backward()
+    return saved
+
+
+def test_lora_step_keeps_no_logits_and_no_weight_copies_for_backward(hf_dir):
+    """Why a LoRA step of GPT-2 124M needs about half the memory of a full one (README figures): besides AdamW
+    state and gradients for the adapters only, backward holds no (tokens, vocab) logits (model.ChunkedCrossEntropy)
+    and no bf16 copy of any frozen weight (lora.FrozenLinear), so only activations remain."""
+    model, _ = convert_hf.load_hf_gpt2(hf_dir)
+    lora.apply_lora(model, rank=4, alpha=8.0, targets="all")
+    idx = torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(0))  # 60 rows: no weight's size
+    saved = saved_for_backward(model, idx, idx)
+    weight_shapes = {tuple(p.shape) for n, p in model.named_parameters() if not p.requires_grad}
+    assert saved and not [s for s in saved if 50304 in s[0] or V in s[0]]
+    assert not [s for s in saved if s[0] in weight_shapes and s[1] == torch.bfloat16]
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_memory_savers_compute_what_the_plain_code_computes(hf_dir, monkeypatch):
+    """loss_only (chunked output layer + loss) against lm_head + cross_entropy_loss, with masks, ignored targets, a
+    window with nothing to learn and several chunks; LoRALinear's frozen base against plain F.linear, under bf16
+    autocast, where the saving happens."""
+    import model as model_py
+    monkeypatch.setattr(model_py, "LOSS_CHUNK_ELEMENTS", 50304 * 7)  # 7 rows a chunk: 60 rows in 9 chunks
+    base, _ = convert_hf.load_hf_gpt2(hf_dir)
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(0, V, (3, 20), generator=g), torch.randint(0, V, (3, 20), generator=g)
+    targets[0, :4] = -1
+    mask = (torch.rand(3, 20, generator=g) < 0.5).long()
+    mask[2] = 0
+    results = []
+    for loss_only in (False, True):
+        m = convert_hf.load_hf_gpt2(hf_dir)[0]
+        _, loss = m(idx, targets, mask, loss_only=loss_only)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    assert abs(plain - chunked) < 1e-5 * abs(plain)
+    for n, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[n], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+    layer = base.transformer.h[0].mlp.c_fc
+    wrapped = lora.LoRALinear(layer, rank=4, alpha=8.0)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    with torch.no_grad():
+        wrapped.lora_B.normal_(0, 0.1)
+    x = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = wrapped(x)
+        want = F.linear(x, layer.weight, layer.bias) + (x @ wrapped.lora_A.t()) @ wrapped.lora_B.t() * wrapped.scaling
+    assert y.dtype == want.dtype == torch.bfloat16 and torch.equal(y, want)
+    gy = torch.randn(y.shape, generator=g).to(y.dtype)
+    got = torch.autograd.grad(y, (x, wrapped.lora_A, wrapped.lora_B), gy)
+    ref = torch.autograd.grad(want, (x, wrapped.lora_A, wrapped.lora_B), gy)
+    for a, b in zip(got, ref):  # x's two gradient terms are summed in bf16 here, in fp32 there: bf16 rounding
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def one_line_error(capsys, argv):

@@ -46,7 +46,7 @@ def assert_bit_identical(model, before):
         assert torch.equal(v.view(torch.int32), before[k].view(torch.int32)), k  # bits: -0.0 vs 0.0, NaN payloads
 
 
-def reference_step(model, batch, lr, eps, weight_decay, seed, chunk, use_loss_mask):
+def reference_step(model, batch, lr, eps, weight_decay, seed, chunk, use_loss_mask, autocast=False):
     """The issue's formula written out on copies, independently of mezo.py: z drawn per parameter in order from one
     generator seeded with `seed` (in `chunk`-sized draws, as mezo documents), p+ = p + eps z, p- = p+ - 2 eps z,
     g = (L(p+) - L(p-)) / (2 eps), p' = p - lr (g z + wd p) with wd only on dim >= 2."""
@@ -59,8 +59,8 @@ def reference_step(model, batch, lr, eps, weight_decay, seed, chunk, use_loss_ma
         zs.append(torch.cat([torch.randn(min(chunk, n - s), generator=gen) for s in range(0, n, chunk)]).view_as(p))
     originals = [p.detach().clone() for p in params]
 
-    def loss_at(values):
-        with torch.no_grad():
+    def loss_at(values):  # each forward in an autocast region of its own (when asked): fresh bf16 weight copies
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for p, v in zip(params, values):
                 p.copy_(v)
             M = batch[2] if use_loss_mask else None
@@ -93,6 +93,23 @@ def test_one_step_equals_independent_reference(monkeypatch, use_loss_mask, chunk
         assert torch.equal(p.detach(), want)  # bit for bit: same perturbed points, same losses, same update
     # biases and LayerNorm weights took no decay: with lr and z fixed the decay term alone shows up on 2-D tensors
     assert any(p.dim() < 2 for p in params) and any(p.dim() >= 2 for p in params)
+
+
+def test_step_inside_one_autocast_region_sees_each_perturbation():
+    """train.py runs the whole MeZO step inside one bf16 autocast region, whose cache of bf16 weight copies would
+    hide the in-place perturbations from the second forward (loss- computed with the +eps weights)."""
+    model, batch = tiny_model(), tiny_batch()
+    model.eval()  # (so the forward after the step has no dropout either)
+    new, ref_loss, g = reference_step(model, batch, lr=0.05, eps=1e-2, weight_decay=0.0, seed=5, chunk=mezo.CHUNK,
+                                      use_loss_mask=True, autocast=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mezo.zo_step(model, batch, lr=0.05, eps=1e-2, weight_decay=0.0, seed=5, use_loss_mask=True)
+        after, _ = model(batch[0], batch[1])  # the caller's next forward, same region: sees the updated weights
+    assert loss == ref_loss
+    for p, want in zip(mezo.trainable_parameters(model), new):
+        assert torch.equal(p.detach(), want)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(after, model(batch[0], batch[1])[0])
 
 
 @pytest.mark.parametrize("eps", [1e-3, 1e-1, 30.0])

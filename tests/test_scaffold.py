@@ -206,6 +206,13 @@ def test_training_keeps_the_base_bit_for_bit_and_the_save_reloads(tmp_path, mode
     text = scaffold.answer(fused, base_tok, scaffold_tok, {"prompt": "abc=", "turns": None, "completion": ""},
                            max_new_tokens=5, scaffold_weight=0.7)
     assert isinstance(text, str) and len(text) <= 5
+    # train_fuser false: a run that starts from these fusers trains only the scaffold's adapters
+    cfg2 = make_cfg(tmp_path, models, model_name="adapters_only", init_from="fused", train_fuser=False,
+                    learning_rate=3e-3, num_samples=0)
+    again = scaffold.train(cfg2, log=lambda *a: None)["model"].trainable_state_dict()
+    first = ckpt["model"]
+    assert all(torch.equal(again[k], first[k]) for k in first if k.startswith("fusers."))
+    assert any(not torch.equal(again[k], first[k]) for k in first if k.startswith("scaffold."))
 
 
 def test_training_step_does_not_touch_the_base(tmp_path, models):
@@ -226,7 +233,7 @@ def test_training_step_does_not_touch_the_base(tmp_path, models):
 
 def test_bad_input_errors(tmp_path, models):
     # a cross-attention layer the base does not have
-    with pytest.raises(ConfigError, match=r"layer 4 does not exist: the base model has layers 0\.\.3"):
+    with pytest.raises(ConfigError, match=r"layer 4 does not exist: base model 'base' has layers 0\.\.3"):
         scaffold.build_fused(make_cfg(tmp_path, models, cross_attn_layers=[1, 4]), log=lambda *a: None)
     with pytest.raises(ConfigError, match="cross_attn_layers"):
         make_cfg(tmp_path, models, cross_attn_layers=[-1])

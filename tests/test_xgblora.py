@@ -12,7 +12,7 @@ import lora
 import prepare_dataset
 from checkpoint import load_checkpoint, load_model
 from config import ConfigError, load_config
-from conftest import SHAKESPEARE
+from conftest import SAMPLE_CHAT, SHAKESPEARE
 from model import GPT, GPTConfig
 from train import TrainError, apply_finetuning, get_lr, train
 
@@ -180,3 +180,35 @@ def test_too_many_layers_for_a_base_model_is_a_clear_error(tmp_path, sample_chat
     with pytest.raises(TrainError, match="xgblora_layers_per_iteration 3 is more than the model's 2 layers"):
         run(tmp_path, sample_chat, model_name="ft", init_from_model="base", xgblora_layers_per_iteration=3,
             max_iters=1)
+
+
+def test_the_presets_run(tmp_path, sample_chat):
+    """configs/{tiny,gpt2}_{xgblora,mezo}_sft.json, shortened: the tiny ones from a tiny base, the gpt2 ones from a
+    random tiny Hugging Face GPT-2 directory with gpt2-tokenized chat data."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    out = str(tmp_path / "ckpt")
+    short = {"max_iters": 4, "lr_decay_iters": 4, "eval_interval": 4, "eval_iters": 1, "batch_size": 2,
+             "log_interval": 1, "out_dir": out}
+    run(tmp_path, sample_chat, model_name="base_tiny", finetuning_type="full", n_layer=2, block_size=64, max_iters=2,
+        eval_interval=2)
+    for preset in ("tiny_xgblora_sft", "tiny_mezo_sft"):
+        cfg = load_config(f"configs/{preset}.json", {**short, "dataset_dir": sample_chat})
+        assert train(cfg, log=lambda *a: None)["iter_num"] == 4
+    assert load_checkpoint(f"{out}/chat_tiny_xgblora_merged/ckpt.pt")["lora"] is None  # merge_lora: a plain model
+
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "hf_gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2)).save_pretrained(hf_dir)
+    subset = tmp_path / "chat.jsonl"
+    with open(SAMPLE_CHAT) as f:
+        subset.write_text("".join(f.readlines()[:200]))
+    data = str(tmp_path / "gpt2_chat")
+    prepare_dataset.prepare([str(subset)], data, tokenization="gpt2", fmt="chat")
+    for preset, name in (("gpt2_xgblora_sft", "gpt2_chat_xgblora"), ("gpt2_mezo_sft", "gpt2_chat_mezo")):
+        cfg = load_config(f"configs/{preset}.json", {**short, "init_from": str(hf_dir), "dataset_dir": data,
+                                                      "gradient_accumulation_steps": 1, "block_size": 64})
+        lines = []
+        assert train(cfg, log=lines.append)["iter_num"] == 4
+        assert any("Hugging Face checkpoint" in line for line in lines)
+    ck = load_checkpoint(f"{out}/gpt2_chat_xgblora/ckpt.pt")
+    assert ck["lora"]["targets"] == ["q", "v"] and ck["lora"]["rank"] == 1
