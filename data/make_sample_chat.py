@@ -46,6 +46,12 @@ NAMES = ["Maria", "Omar", "Lena", "Ravi", "Sofia", "Ken", "Aisha", "Tom", "Yuki"
          "Sara", "Felix", "Nora", "Emil", "Alma", "Kai", "Lars", "Iris", "Bruno", "Jade", "Theo", "Cleo", "Arjun",
          "Freya", "Diego", "Ruth", "Pip", "Zed", "Nova", "Bolt", "Wanda", "Quinn", "Xavier", "Yara", "Gus", "Uma"]
 HELDOUT_NAMES = ["Greta", "Mateo", "Leila", "Boris", "Anouk", "Dario", "Selma", "Wendy"]
+# Half the names and words to copy are made up from these syllables (thousands of them, most seen once): a model
+# cannot memorize them, so it must learn to copy, and copying is what answers questions about unseen names.
+SYLLABLES = ["ba", "be", "bo", "ca", "da", "di", "do", "fa", "fi", "ga", "go", "ha", "he", "ja", "jo", "ka", "ki",
+             "ko", "la", "li", "lu", "ma", "me", "mi", "na", "ne", "no", "pa", "pe", "qui", "ra", "ri", "ro", "sa",
+             "se", "su", "ta", "te", "to", "va", "vi", "wa", "we", "xa", "ya", "yo", "za", "zu", "a", "e", "i", "o",
+             "u", "n", "r", "l", "s", "k"]
 
 ADJECTIVES = ["red", "blue", "green", "big", "small", "happy", "quiet", "fast", "old", "tiny", "warm", "soft",
               "brave", "shiny", "lazy", "wild", "cold", "sweet", "dark", "funny"]
@@ -85,13 +91,25 @@ def rendered_length(turns):
 # one function per task: (rng, held_out) -> [(role, content), ...]. held_out=False draws only from the training
 # pools; held_out=True builds a question from the held-out pools.
 
+def _made_up(rng):
+    word = rng.choice(SYLLABLES[:-10])  # starts with a consonant-vowel syllable...
+    for _ in range(rng.randint(1, 2)):
+        word += rng.choice(SYLLABLES)  # ...then one or two more, vowel or single consonant syllables included
+    return word
+
+
+def _name(rng):
+    name = rng.choice(NAMES) if rng.random() < 0.5 else _made_up(rng).capitalize()
+    return name if name not in HELDOUT_NAMES else _name(rng)
+
+
 def greet(rng, held_out):
-    name = rng.choice(HELDOUT_NAMES if held_out else NAMES)
+    name = rng.choice(HELDOUT_NAMES) if held_out else _name(rng)
     return [("user", rng.choice(GREET_Q).format(name)), ("assistant", f"Hello, {name}!")]
 
 
 def introduce(rng, held_out):
-    name = rng.choice(HELDOUT_NAMES if held_out else NAMES)
+    name = rng.choice(HELDOUT_NAMES) if held_out else _name(rng)
     hello = rng.choice(["My name is {}.", "I am {}.", "Hi, I am {}."]).format(name)
     turns = [("user", hello), ("assistant", f"Nice to meet you, {name}!")]
     if held_out or rng.random() < 0.7:  # most introductions go on to the question that needs the name
@@ -100,12 +118,14 @@ def introduce(rng, held_out):
 
 
 def botname(rng, held_out):
-    name = rng.choice(HELDOUT_NAMES if held_out else NAMES)
+    name = rng.choice(HELDOUT_NAMES) if held_out else _name(rng)
     question, answer = rng.choice([("What is your name?", "My name is {}."), ("Who are you?", "I am {}.")])
     return [("system", f"Your name is {name}."), ("user", question), ("assistant", answer.format(name))]
 
 
 def _phrase(rng, held_out, heldout_phrases):
+    if not held_out and rng.random() < 0.5:
+        return f"{_made_up(rng)} {_made_up(rng)}"
     while True:
         phrase = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
         if (phrase in heldout_phrases) == held_out:

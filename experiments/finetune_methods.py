@@ -15,7 +15,7 @@ conversations, masked loss: only the assistant's tokens count), one base model, 
 3. memory: mezo_memory_benchmark(): one step of each method at the GPT-2 124M shape, batch 4 x 256, in a fresh
    process each (see there for how the peak is measured).
 
-Results are printed as markdown tables and written to checkpoints/finetune_methods.json.
+Results are printed as markdown tables and written to checkpoints/finetune_methods*.json.
 """
 
 import argparse
@@ -36,8 +36,8 @@ STEPS = 300
 COMMON = ["--init_from_model", "fm_base", "--use_loss_mask", "true", "--batch_size", "12", "--block_size", "64",
           "--dropout", "0.0", "--warmup_iters", "20", "--eval_iters", "40", "--log_interval", "50", "--seed", "1337"]
 # method -> its own flags. Learning rates from a short sweep on this task (300 steps, val loss), see the README section:
-# full 1e-4 / 3e-4 / 1e-3, LoRA 1e-3 / 3e-3 / 1e-2, XGBLoRA lr x alpha x merge interval, MeZO full 1e-5 .. 1e-3,
-# MeZO LoRA 3e-4 .. 3e-3; the best of each is used here (the xgblora and mezo ones are the tiny presets).
+# full 1e-4 / 3e-4 / 1e-3, LoRA 1e-3 / 3e-3 / 1e-2, XGBLoRA lr x alpha x merge interval x targets, MeZO full
+# 1e-5 / 3e-5 / 1e-4, MeZO LoRA 3e-4 / 1e-3; the best of each is used here (the xgblora and mezo ones are the presets).
 METHODS = {
     "full fine-tuning (AdamW)": ["--finetuning_type", "full", "--learning_rate", "3e-4", "--min_lr", "3e-5"],
     "LoRA r8 (AdamW)": ["--finetuning_type", "lora", "--lora_rank", "8", "--lora_alpha", "16", "--lora_target", "all",
@@ -185,7 +185,8 @@ def mezo_memory_benchmark(batch_size=4, seq_len=256, dtype="float32", methods=ME
                "--seq_len", str(seq_len), "--dtype", dtype]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=CHILD_ENV)
         if r.returncode != 0:
-            raise RuntimeError(f"memory child {method} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else '?'}")
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "?"
+            raise RuntimeError(f"memory child {method} failed: {last}")
         m = json.loads(r.stdout.strip().splitlines()[-1])
         m["total"] = m["peak"] - m["rss_imports"]
         m["step"] = m["peak"] - m["rss_model"]
@@ -210,7 +211,7 @@ def markdown(rows, memory):
             out.append(f"| {r['method']} | {r['trainable']:,} | {r['start_val']:.4f} -> **{r['final_val']:.4f}** | "
                        f"{r['peak_rss_mib']:.0f} MiB | {r['seconds']:.0f} s |")
     if memory:
-        out += ["", "| step (124M shape, batch 4 x 256) | trainable | model + step peak | of which the step | vs inference |",
+        out += ["", "| step (124M shape) | trainable | model + step peak | of which the step | vs inference |",
                 "|---|---:|---:|---:|---:|"]
         for name, m in memory.items():
             ratio = f"{m['vs_inference']:.2f}x" if "vs_inference" in m else "-"
@@ -236,7 +237,8 @@ def main(argv=None):
         _memory_child(args._memory_child, args.batch_size, args.seq_len, args.dtype)
         return
     if not os.path.exists("/proc/self/clear_refs"):
-        print("error: the memory benchmark needs Linux (/proc/self/clear_refs resets the peak-RSS mark)", file=sys.stderr)
+        print("error: the memory benchmark needs Linux (/proc/self/clear_refs resets the peak-RSS mark)",
+              file=sys.stderr)
         sys.exit(1)
     try:
         rows = methods_experiment(args.base_iters, args.steps) if args.only != "memory" else []
@@ -246,7 +248,9 @@ def main(argv=None):
         sys.exit(1)
     print()
     print(markdown(rows, memory))
-    path = os.path.join(ROOT, "checkpoints", "finetune_methods.json")
+    part = f"_{args.only}" if args.only else ""
+    part += "_bf16" if args.dtype == "bfloat16" else ""
+    path = os.path.join(ROOT, "checkpoints", f"finetune_methods{part}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump({"methods": rows, "memory": memory}, f, indent=2)

@@ -198,7 +198,8 @@ def test_the_presets_run(tmp_path, sample_chat):
 
     torch.manual_seed(0)
     hf_dir = tmp_path / "hf_gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2)).save_pretrained(hf_dir)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2))
+    hf.save_pretrained(hf_dir)
     subset = tmp_path / "chat.jsonl"
     with open(SAMPLE_CHAT) as f:
         subset.write_text("".join(f.readlines()[:200]))
