@@ -745,9 +745,10 @@ def main(argv=None):
     p.add_argument("--input_files", nargs="+", required=True, help=".txt (or any plain text), .jsonl or .json files")
     p.add_argument("--out_dir", required=True, help="dataset folder to write (replaced only once complete)")
     p.add_argument("--tokenization", default="gpt2", help="gpt2 (BPE, 50257 ids) | char (vocabulary from the data)")
-    p.add_argument("--format", default="text", dest="fmt", help="text (documents) | chat (conversations)")
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--tokens_per_shard", type=int, default=10_000_000)
+    p.add_argument("--format", default="text", dest="fmt", metavar="FORMAT", help="text (documents) | chat (conversations)")
+    p.add_argument("--val_fraction", type=float, default=0.1,
+                   help="the last fraction of each plain text file's bytes, or of the JSONL records at random, for val")
+    p.add_argument("--tokens_per_shard", type=int, default=10_000_000, help="start a new shard file after this many")
     p.add_argument("--seed", type=int, default=1337, help="seeds which records go to val")
     p.add_argument("--num_workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--mask_role", default="assistant", help="chat: the role whose text is trained on")

@@ -13,6 +13,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint
 from conftest import ROOT, run_cli
+from train import read_metrics
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "5", "--seed", "3"]
@@ -41,6 +42,21 @@ def wait_for_progress(proc, metrics, timeout=120):
         time.sleep(0.05)
 
 
+def last_iter(metrics):
+    """The last training step a metrics log records (-1 before the first)."""
+    if not os.path.exists(metrics):
+        return -1
+    return max((r["iter"] for r in read_metrics(metrics) if "loss" in r), default=-1)  # skips a torn last line
+
+
+def wait_for_iter(proc, metrics, target, timeout=120):
+    """Wait until a training process has logged step `target`: the kill point is counted in steps, not seconds,
+    so a fast machine cannot finish the run before it is killed."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and last_iter(metrics) < target:
+        time.sleep(0.01)
+
+
 def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(tmp_path, shakespeare_char):
     out = str(tmp_path / "ck")
     run = ["--max_iters", "150", "--lr_decay_iters", "150", "--eval_interval", "50", "--checkpoint_interval", "1"]
@@ -53,8 +69,9 @@ def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(tmp
         proc = subprocess.Popen(train_cmd(shakespeare_char, out, "crash", *run, "--init_from",
                                           "resume" if resume else "scratch"),
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_progress(proc, os.path.join(out, "crash", "metrics.jsonl"))
-        time.sleep(rng.uniform(0.0, 1.0))  # then kill at a random point: mid-step, mid-save, mid-log
+        metrics = os.path.join(out, "crash", "metrics.jsonl")
+        wait_for_iter(proc, metrics, last_iter(metrics) + rng.randint(3, 20))  # at most 5 x 20 of the 150 steps
+        time.sleep(rng.uniform(0.0, 0.05))  # then kill at a random point: mid-step, mid-save, mid-log
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
