@@ -440,7 +440,8 @@ def section_prepare(ws, args):
     for name in ("tinyshakespeare.txt", "pride_and_prejudice_pg1342.txt"):
         with open(ws.corpus(name)) as f:
             text += f.read()
-    text = text * (1 if args.quick else 4)  # 7.4 MB: long enough that starting the 2 workers is a small part
+    text = text * (1 if args.quick else 16)  # 30 MB: long enough that starting the 2 workers (a fork of this
+    # large process: its page tables are copied) is a small part, as it is for a real corpus
     src = os.path.join(ws.tmp, "prepare_input.txt")
     with open(src, "w") as f:
         f.write(text)

@@ -178,16 +178,16 @@ def validate(cfg, where="config"):
     return cfg
 
 
-def load_config(config_file=None, overrides=None):
-    """Build a TrainConfig from an optional JSON preset and a dict of overrides (strings from the command line or
-    typed values), checking every key and type. Returns the validated config."""
-    valid = {f.name: f for f in fields(TrainConfig)}
-    defaults = TrainConfig()
-    values = {}
+def read_settings(config_file, overrides, dataclass_type, missing_hint="presets are in configs/", what="config key"):
+    """The settings of a JSON preset (optional) and then of a dict of overrides (command-line strings or typed
+    values), each key checked against the dataclass's fields and coerced to its type. Keys starting with '_' are
+    comments. Returns {field name: value} for the dataclass to be built from."""
+    valid = {f.name for f in fields(dataclass_type)}
+    defaults = dataclass_type()
     sources = []
     if config_file:
         if not os.path.exists(config_file):
-            raise ConfigError(f"{config_file}: config file not found (presets are in configs/)")
+            raise ConfigError(f"{config_file}: config file not found ({missing_hint})")
         try:
             with open(config_file) as f:
                 data = json.load(f)
@@ -198,13 +198,21 @@ def load_config(config_file=None, overrides=None):
         sources.append((config_file, data))
     if overrides:
         sources.append(("command line", overrides))
+    values = {}
     for where, data in sources:
         for key, value in data.items():
             if key.startswith("_"):  # "_comment" keys in presets
                 continue
             if key not in valid:
-                raise ConfigError(f"{where}: unknown config key '{key}'{_closest(key, list(valid))}")
+                raise ConfigError(f"{where}: unknown {what} '{key}'{_closest(key, sorted(valid))}")
             values[key] = _coerce(key, value, getattr(defaults, key), where)
+    return values
+
+
+def load_config(config_file=None, overrides=None):
+    """Build a TrainConfig from an optional JSON preset and a dict of overrides (strings from the command line or
+    typed values), checking every key and type. Returns the validated config."""
+    values = read_settings(config_file, overrides, TrainConfig)
     if values.get("finetuning_type") == "xgblora":  # XGBLoRA's own defaults: rank-1 boosters on q and v, as the paper
         values.setdefault("lora_rank", 1)
         values.setdefault("lora_target", ["q", "v"])

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 import lora
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
-from config import ConfigError, _closest, _coerce
+from config import ConfigError, read_settings
 from data import DataError
 from model import KVCache, LayerNorm, cross_entropy_loss, sample_next
 from prepare_dataset import conversation_turns
@@ -147,30 +147,8 @@ def validate_scaffold_config(cfg, where="config"):
 def load_scaffold_config(config_file=None, overrides=None):
     """A ScaffoldConfig from an optional JSON preset and a dict of overrides (command-line strings or typed values).
     Keys map one to one onto the dataclass; an unknown key is refused with the closest valid name."""
-    valid = {f.name for f in fields(ScaffoldConfig)}
-    defaults = ScaffoldConfig()
-    sources = []
-    if config_file:
-        if not os.path.exists(config_file):
-            raise ConfigError(f"{config_file}: config file not found (the scaffold preset is configs/scaffold.json)")
-        try:
-            with open(config_file) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config_file}: must hold a JSON object of settings")
-        sources.append((config_file, data))
-    if overrides:
-        sources.append(("command line", overrides))
-    values = {}
-    for where, data in sources:
-        for key, value in data.items():
-            if key.startswith("_"):  # "_comment" keys in presets
-                continue
-            if key not in valid:
-                raise ConfigError(f"{where}: unknown scaffold config key '{key}'{_closest(key, sorted(valid))}")
-            values[key] = _coerce(key, value, getattr(defaults, key), where)
+    values = read_settings(config_file, overrides, ScaffoldConfig,
+                           missing_hint="the scaffold preset is configs/scaffold.json", what="scaffold config key")
     return validate_scaffold_config(ScaffoldConfig(**values), config_file or "config")
 
 

@@ -650,6 +650,9 @@ def train(cfg, log=print):
         tok.save(os.path.join(mfolder, "tokenizer_state.json"))
         log(f"merged model written to {mfolder}")
     if ddp:
+        # every rank waits here until rank 0 has written its last checkpoint: a rank that tears its gloo group
+        # down while a peer is still connected can die with SIGABRT ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return {"iter_num": iter_num, "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
             "last_step_loss": last_train_loss, "best_val_loss": best_val, "checkpoint": ckpt_path,

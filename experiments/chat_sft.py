@@ -3,7 +3,7 @@ Chat SFT on the shipped sample conversations: does the model answer questions it
 And does loss masking help? (issue 3's experiment)
 
     python experiments/chat_sft.py                  # trains configs/tiny_sft.json twice: masking on, masking off
-    python experiments/chat_sft.py --max_iters 200  # quicker, rougher
+    python experiments/chat_sft.py --max_iters 500  # quicker, rougher
 
 For each run it reports the val loss on assistant tokens only (the masked loss, whatever the run trained on), the
 first and last masked val loss of the masked run, and greedy answers to the held-out questions of
@@ -66,10 +66,10 @@ def heldout_answers(sampler, max_new_tokens=80):
 
 
 def run(name, use_loss_mask, args):
-    cfg = load_config("configs/tiny_sft.json", {"model_name": name, "use_loss_mask": use_loss_mask,
-                                                 "max_iters": args.max_iters, "lr_decay_iters": args.max_iters,
-                                                 "eval_interval": args.max_iters // 5, "log_interval": 50,
-                                                 "out_dir": args.out_dir})
+    overrides = {"model_name": name, "use_loss_mask": use_loss_mask, "out_dir": args.out_dir}
+    if args.max_iters:
+        overrides.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters, eval_interval=args.max_iters // 5)
+    cfg = load_config("configs/tiny_sft.json", overrides)
     evals = []
     summary = train(cfg, log=lambda line: (print(f"[{name}] {line}"), evals.append(line) if line.startswith("step ") else None))
     model, tok, ckpt = load_model(name, args.out_dir)
@@ -84,13 +84,12 @@ def run(name, use_loss_mask, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max_iters", type=int, default=500)
+    p.add_argument("--max_iters", type=int, default=0, help="0: the preset's (2000)")
     p.add_argument("--out_dir", default="checkpoints")
     p.add_argument("--skip_unmasked", action="store_true", help="only the masked run (the main job)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     os.chdir(ROOT)
-    torch.set_num_threads(os.cpu_count())
     results = [run("chat_tiny", True, args)]
     if not args.skip_unmasked:
         results.append(run("chat_tiny_unmasked", False, args))
