@@ -678,6 +678,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the malloc setting train.py makes for CPU training (train.keep_freed_memory), for every candidate alike: in
+    # one process they share the allocator, and without it a step's speed depends on which candidate ran before
+    from train import keep_freed_memory
+    keep_freed_memory()
     if args.probe:
         run_probe(json.loads(args.probe))
         return

@@ -12,6 +12,7 @@ one process or many under torchrun (DDP, FSDP).
 Every key of config.TrainConfig can be set in the JSON preset and overridden as --key value.
 """
 
+import ctypes
 import json
 import math
 import os
@@ -80,6 +81,22 @@ def autocast_context(device_type, dtype):
     if dtype == "float32" or device_type == "mps":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+def keep_freed_memory():
+    """CPU training: ask glibc's malloc to keep the memory a step frees for the next step. Footgun: by default it
+    hands every block over 32 MB (activations, logits) back to the kernel with munmap and asks for it again with
+    mmap, and the kernel zero-fills each page on its first touch, every step: 15-20% of a GPT-2 124M step on this
+    CPU (1.61 -> 1.37 s at batch 4 x 256, bf16). Taking all memory from the heap and never trimming it keeps the
+    process at its peak size, which a training process reaches every step anyway. No-op where glibc is absent."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+    except (OSError, AttributeError):  # another libc (musl): leave it be
+        return False
 
 
 @contextmanager
@@ -368,6 +385,8 @@ def train(cfg, log=print):
     torch.manual_seed(cfg.seed + (0 if fsdp else rank))  # FSDP shards each rank's own copy: all must build the same
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
+    if device_type == "cpu":
+        keep_freed_memory()
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere+ at no visible loss cost
         torch.backends.cudnn.allow_tf32 = True
