@@ -41,7 +41,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-SECTIONS = ("train_tiny", "train_124m", "sample", "prepare", "loader", "convert", "lora_memory")
+SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "sample", "lora_memory")
+NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
 EXTRA_SECTIONS = ("compile_tiny", "train_gpu")  # opt-in: torch.compile on CPU (slow to compile), GPU only
 REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
 TINY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)  # nanoGPT's shakespeare_char CPU shape
@@ -597,6 +598,8 @@ def run_probe(spec):
     import gc
     import transformers  # noqa: F401  (both sides pay the same imports)
     import train
+    if spec["kind"] != "convert":
+        train.keep_freed_memory()  # as train.py does: the memory figures are its
     if spec["kind"] == "convert":
         base = reset_peak_rss()
         t = time.perf_counter()
@@ -678,10 +681,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # the malloc setting train.py makes for CPU training (train.keep_freed_memory), for every candidate alike: in
-    # one process they share the allocator, and without it a step's speed depends on which candidate ran before
-    from train import keep_freed_memory
-    keep_freed_memory()
     if args.probe:
         run_probe(json.loads(args.probe))
         return
@@ -690,6 +689,7 @@ def main(argv=None):
     if unknown:
         print(f"error: unknown section '{unknown[0]}': choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}", file=sys.stderr)
         sys.exit(1)
+    sections.sort(key=(SECTIONS + EXTRA_SECTIONS).index)  # the sections without models first (see the loop)
     import platform
     header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
@@ -698,6 +698,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ws = Workspace(tmp, args.corpus_dir)
         for name in sections:
+            if name not in NO_MODEL_SECTIONS:
+                # the malloc setting train.py and sample.py make on CPU (train.keep_freed_memory), for every candidate
+                # alike: in one process they share the allocator, and without it a step's speed depends on which
+                # candidate ran before. prepare_dataset.py and convert_hf.py do not make it, so their sections run first.
+                from train import keep_freed_memory
+                keep_freed_memory()
             t = time.perf_counter()
             print(f"[{name}] ...", file=sys.stderr, flush=True)
             try:

@@ -17,6 +17,7 @@ import torch
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from tokenizer import ROLE_MARKERS, chat_prompt
+from train import autocast_context, keep_freed_memory, pick_dtype
 
 
 def parse_args(argv=None):
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 autocast where train.py uses it (CUDA, CPUs with native bf16 matmuls), else fp32")
     p.add_argument("--no_bos_scaling", action="store_true", help="sample a BOS-zero model without the scaling")
     p.add_argument("--bos_scaling_factor", type=float, default=None, help="override the checkpoint's factor")
     return p.parse_args(argv)
@@ -42,9 +45,10 @@ def parse_args(argv=None):
 class Sampler:
     """A loaded model + tokenizer with the settings to generate from it (used by sample.py and evaluate.py)."""
 
-    def __init__(self, model, tok, ckpt, device):
+    def __init__(self, model, tok, ckpt, device, dtype="float32"):
         self.model, self.tok, self.device = model.eval(), tok, device
         self.is_chat = ckpt.get("data_format") == "chat"
+        self.ctx = lambda: autocast_context("cuda" if device.startswith("cuda") else device, dtype)
 
     def stream(self, ids, max_new_tokens, stop_at_eot, out=None, **kw):
         """Generate after `ids` for one sample, writing text to `out` as it comes; returns the generated text.
@@ -56,6 +60,10 @@ class Sampler:
             ids = self.model.context_window(torch.tensor([ids]), len(ids), bs - 1)[0].tolist()  # BOS-zero: BOS kept
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         stops = (self.tok.eot_token,) if stop_at_eot else ()
+        with self.ctx():  # one autocast region per sample: its weight cache casts each weight once
+            return self._stream(x, max_new_tokens, stops, stop_at_eot, out, kw)
+
+    def _stream(self, x, max_new_tokens, stops, stop_at_eot, out, kw):
         new, shown = [], ""
         for t in self.model.generate_stream(x, max_new_tokens, stop_tokens=stops, **kw):
             t = int(t[0])
@@ -105,7 +113,10 @@ def main(argv=None):
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
 
-    sampler = Sampler(model, tok, ckpt, device)
+    device_type = "cuda" if device.startswith("cuda") else device
+    if device_type == "cpu":
+        keep_freed_memory()  # as train.py does: no page faults on the big per-call buffers
+    sampler = Sampler(model, tok, ckpt, device, pick_dtype(args, device_type))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
     if model.config.use_bos_zero_training:
