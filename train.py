@@ -13,6 +13,7 @@ Every key of config.TrainConfig can be set in the JSON preset and overridden as 
 """
 
 import ctypes
+import gc
 import json
 import math
 import os
@@ -372,6 +373,19 @@ def fmt_time(s):
 
 def train(cfg, log=print):
     """Run training as configured. Returns a summary dict (final losses, iterations, paths)."""
+    try:
+        return _train(cfg, log)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            # Footgun: destroy_process_group only drops c10d's own reference. The DDP reducer, FSDP's state and the
+            # optimizer's sharded tensors hold the gloo group too; if it dies only at interpreter exit, its worker
+            # threads are torn down mid-finalisation and the process aborts (SIGABRT, "terminate called without an
+            # active exception") after a finished run. _train's frame is gone now: collect its cycles first.
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def _train(cfg, log):
     ddp, rank, world, device = setup_distributed(cfg)
     master = rank == 0
     log = log if master else (lambda *a, **k: None)
@@ -669,10 +683,7 @@ def train(cfg, log=print):
         tok.save(os.path.join(mfolder, "tokenizer_state.json"))
         log(f"merged model written to {mfolder}")
     if ddp:
-        # every rank waits here until rank 0 has written its last checkpoint: a rank that tears its gloo group
-        # down while a peer is still connected can die with SIGABRT ("terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank waits until rank 0 has written its last checkpoint before train() tears down
     return {"iter_num": iter_num, "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
             "last_step_loss": last_train_loss, "best_val_loss": best_val, "checkpoint": ckpt_path,
             "stopped_by_signal": bool(stop_signal), "xgblora_merges": merge_count}
