@@ -82,6 +82,11 @@ def interleaved(fns, repeats, inner=1, warmup=1, device="cpu"):
     return {k: statistics.median(v["wall"]) for k, v in samples.items()}, samples
 
 
+def fastest(rates, side, attention=""):
+    """The fastest candidate of one side ("ours" / "transformers"), optionally only those with that attention."""
+    return max((k for k in rates if k.startswith(side) and k.endswith(attention)), key=rates.get)
+
+
 def cpu_rates(samples, units):
     """units per CPU-second of each candidate (the steadier figure of `interleaved`)."""
     return {k: units / statistics.median(v["cpu"]) for k, v in samples.items()}
@@ -203,9 +208,8 @@ def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get
     med, samples = interleaved(fns, repeats, inner, device=device)
     tokens = batch_size * block_size
     tps = {k: tokens / v for k, v in med.items()}
-    best_ours = max((k for k in tps if k.startswith("ours")), key=tps.get)
-    best_hf = max((k for k in tps if k.startswith("transformers")), key=tps.get)
-    best_hf_sdpa = max((k for k in tps if k.startswith("transformers") and k.endswith("sdpa")), key=tps.get)
+    best_ours, best_hf = fastest(tps, "ours"), fastest(tps, "transformers")
+    best_hf_sdpa = fastest(tps, "transformers", "sdpa")
     del ours, hf, o_opt, h_opt
     return {"name": name, "tokens_per_s": tps, "tokens_per_cpu_s": cpu_rates(samples, tokens),
             "seconds_per_step_samples": samples, "best_ours": best_ours, "best_hf": best_hf,
@@ -396,9 +400,8 @@ def section_sample(ws, args):
     fns.update({f"transformers {d} {i}": (lambda d=d, i=i: hf_gen(d, i)) for d, i in HF_SETTINGS})
     med, samples = interleaved(fns, repeats=3, warmup=1)  # 6 candidates x 256 tokens: minutes already
     tps = {k: n_new / v for k, v in med.items()}
-    best_ours = max((k for k in tps if k.startswith("ours")), key=tps.get)
-    best_hf = max((k for k in tps if k.startswith("transformers")), key=tps.get)
-    hf_sdpa = max((k for k in tps if k.startswith("transformers") and k.endswith("sdpa")), key=tps.get)
+    best_ours, best_hf = fastest(tps, "ours"), fastest(tps, "transformers")
+    hf_sdpa = fastest(tps, "transformers", "sdpa")
     same = bool(torch.equal(outs["ours float32 cache=True"], outs["transformers float32 sdpa"]))
     # the cache's speed-up, in our fastest dtype: one recompute run (it is slow) between two cached runs; the
     # cached time is the median of those two and of the runs above
@@ -694,6 +697,7 @@ def main(argv=None):
     header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    import train
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ws = Workspace(tmp, args.corpus_dir)
@@ -701,9 +705,9 @@ def main(argv=None):
             if name not in NO_MODEL_SECTIONS:
                 # the malloc setting train.py and sample.py make on CPU (train.keep_freed_memory), for every candidate
                 # alike: in one process they share the allocator, and without it a step's speed depends on which
-                # candidate ran before. prepare_dataset.py and convert_hf.py do not make it, so their sections run first.
-                from train import keep_freed_memory
-                keep_freed_memory()
+                # candidate ran before. prepare_dataset.py and convert_hf.py do not make it, so their sections run
+                # first. Setting it again is a no-op.
+                train.keep_freed_memory()
             t = time.perf_counter()
             print(f"[{name}] ...", file=sys.stderr, flush=True)
             try:
