@@ -587,14 +587,21 @@ def check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per
 
 def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=0.1, tokens_per_shard=10_000_000,
             seed=1337, num_workers=1, mask_role="assistant", chat_schema="auto", train_on_prompt=False,
-            mask_history=False, hf_dir=None, verbose=False, block_bytes=BLOCK_BYTES):
+            mask_history=False, hf_dir=None, verbose=False, block_bytes=BLOCK_BYTES, tokenizer_from=None):
     """Tokenize input_files into out_dir (layout in the module docstring). Returns the metadata dict it wrote.
+    tokenizer_from: a dataset or model folder whose tokenizer_state.json to reuse instead of building one (so a
+    char-level SFT set gets its base model's vocabulary); it sets the tokenization.
     Raises ValueError / FileNotFoundError / RuntimeError with a one-line message; out_dir is then untouched."""
     t0 = time.time()
+    given_tok = None
+    if tokenizer_from:
+        given_tok = Tokenizer.load(os.path.join(tokenizer_from, "tokenizer_state.json"))
+        tokenization, hf_dir = given_tok.kind, given_tok.hf_dir
     args = {"input_files": list(input_files), "out_dir": out_dir, "tokenization": tokenization, "format": fmt,
             "val_fraction": val_fraction, "tokens_per_shard": tokens_per_shard, "seed": seed,
             "num_workers": num_workers, "mask_role": mask_role, "chat_schema": chat_schema,
-            "train_on_prompt": train_on_prompt, "mask_history": mask_history, "hf_dir": hf_dir}
+            "train_on_prompt": train_on_prompt, "mask_history": mask_history, "hf_dir": hf_dir,
+            "tokenizer_from": tokenizer_from}
     files = check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per_shard, num_workers,
                        mask_role, chat_schema)
     opts = {"format": fmt, "chat_schema": chat_schema, "mask_role": mask_role, "train_on_prompt": train_on_prompt,
@@ -614,7 +621,14 @@ def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=
         chars = set()
         for result in chunk_results(chars_of_chunk, None, "collecting characters"):
             chars |= result["chars"]
-        tok = Tokenizer.char_from_texts(["".join(sorted(chars))])
+        tok = given_tok or Tokenizer.char_from_texts(["".join(sorted(chars))])
+        missing = "".join(sorted(chars - set(tok.chars)))
+        if missing:
+            raise ValueError(f"{', '.join(p for p, _ in files)}: {len(missing)} character(s) {missing[:30]!r} are not in "
+                             f"the vocabulary of {tokenizer_from}: remove them from the data, or prepare without "
+                             f"--tokenizer_from (a new vocabulary, so a new model)")
+    elif given_tok:
+        tok = given_tok
     else:
         tok = Tokenizer("gpt2", hf_dir=hf_dir)
     dtype = token_dtype(tok.vocab_size)
@@ -756,10 +770,14 @@ def main(argv=None):
     p.add_argument("--train_on_prompt", action="store_true", help="chat: train on every token, not just answers")
     p.add_argument("--mask_history", action="store_true", help="chat: train only on the last assistant turn")
     p.add_argument("--hf_dir", default=None, help="gpt2: BPE from this Hugging Face folder's vocab.json + merges.txt")
+    p.add_argument("--tokenizer_from", default=None,
+                   help="reuse the tokenizer of this dataset or model folder (its tokenizer_state.json) instead of "
+                        "--tokenization: a char-level SFT set then fits its base model")
     a = p.parse_args(argv)
     try:
         prepare(a.input_files, a.out_dir, a.tokenization, a.fmt, a.val_fraction, a.tokens_per_shard, a.seed,
-                a.num_workers, a.mask_role, a.chat_schema, a.train_on_prompt, a.mask_history, a.hf_dir, verbose=True)
+                a.num_workers, a.mask_role, a.chat_schema, a.train_on_prompt, a.mask_history, a.hf_dir, verbose=True,
+                tokenizer_from=a.tokenizer_from)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

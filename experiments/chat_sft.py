@@ -4,6 +4,17 @@ And does loss masking help? (issue 3's experiment)
 
     python experiments/chat_sft.py                  # trains configs/tiny_sft.json twice: masking on, masking off
     python experiments/chat_sft.py --max_iters 500  # quicker, rougher
+    python experiments/chat_sft.py --context_chars 256   # the same conversations, each behind a passage of prose
+
+--context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice from
+../shared/corpora, or --context_file) in front of every conversation, the way a retrieved document or a long system
+prompt sits in front of real chats. The answers do not depend on it, so it is the prompt-heavy case: most tokens
+are prompt, and the unmasked run spends most of its training signal modelling them. Train and val conversations
+draw their passages from the first 90% of the file, the held-out questions from the last 10%.
+
+--pretrain_iters N first pretrains a base model on that prose (the same first 90%, the chat data's character
+vocabulary) for N steps, then runs both SFT runs from it with --init_from_model: the two-phase case, where the base
+already models text and SFT only has to teach the answers.
 
 For each run it reports the val loss on assistant tokens only (the masked loss, whatever the run trained on), the
 first and last masked val loss of the masked run, and greedy answers to the held-out questions of
@@ -14,6 +25,7 @@ emits the end-of-text token before max_new_tokens, without starting a user turn 
 import argparse
 import json
 import os
+import random
 import sys
 
 import torch
@@ -23,11 +35,81 @@ from checkpoint import load_model  # noqa: E402
 from config import load_config  # noqa: E402
 from data import BatchLoader  # noqa: E402
 from sample import Sampler  # noqa: E402
-from tokenizer import ROLE_MARKERS, chat_prompt  # noqa: E402
+from tokenizer import EOT_TEXT, ROLE_MARKERS, Tokenizer, chat_prompt  # noqa: E402
 from train import SAMPLE_DATASET, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = os.path.join(ROOT, "data", "sample_chat_heldout.jsonl")
+CONTEXT_FILE = os.path.join(ROOT, "..", "shared", "corpora", "pride_and_prejudice_pg1342.txt")
+
+
+def read_records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def with_context(records, text, chars, seed):
+    """Each record (as it is when chars is 0) with a passage of `chars` characters of `text` (whitespace collapsed, starting at a word) as a
+    system message in front; a record that already has a system prompt keeps it after the passage."""
+    if not chars:
+        return records
+    rng = random.Random(seed)
+    out = []
+    for rec in records:
+        start = text.index(" ", rng.randrange(len(text) - 2 * chars)) + 1
+        passage = text[start:start + chars]
+        msgs = [dict(m) for m in rec["messages"]]
+        if msgs[0]["role"] == "system":
+            msgs[0]["content"] = passage + "\n" + msgs[0]["content"]
+        else:
+            msgs.insert(0, {"role": "system", "content": passage})
+        out.append({**rec, "messages": msgs})
+    return out
+
+
+def read_prose(path):
+    """The file's lines in plain ASCII (so held-out passages use known characters)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--context_file {path} not found: pass any long plain-text file")
+    with open(path, encoding="utf-8") as f:
+        return ["".join(c for c in line if 32 <= ord(c) < 127) for line in f]
+
+
+def context_data(args, root):
+    """Write the shipped conversations with passages in front, prepare them (char tokens, like the shipped set) and
+    return (dataset_dir, held-out records)."""
+    import prepare_dataset
+    text = " ".join(" ".join(read_prose(args.context_file)).split())
+    cut = int(len(text) * 0.9)
+    train_file = os.path.join(root, "sample_chat_context.jsonl")
+    with open(train_file, "w") as f:
+        for rec in with_context(read_records(os.path.join(ROOT, "data", "sample_chat.jsonl")), text[:cut],
+                                args.context_chars, seed=1):
+            f.write(json.dumps(rec) + "\n")
+    dataset_dir = os.path.join(root, "data")
+    if not os.path.exists(os.path.join(dataset_dir, "dataset_metadata.json")):
+        prepare_dataset.prepare([train_file], dataset_dir, tokenization="char", fmt="chat")
+    return dataset_dir, with_context(read_records(HELDOUT), text[cut:], args.context_chars, seed=2)
+
+
+def pretrain_base(args, root, chat_dir, name):
+    """Pretrain `name` on the first 90% of the prose's lines, in the chat data's vocabulary (other characters
+    dropped), with tiny_sft's shape and schedule."""
+    import prepare_dataset
+    vocab = set(Tokenizer.load(os.path.join(chat_dir, "tokenizer_state.json")).chars)
+    lines = read_prose(args.context_file)
+    text_file = os.path.join(root, "pretrain.txt")
+    with open(text_file, "w") as f:
+        f.writelines("".join(c for c in line if c in vocab) + "\n" for line in lines[:int(len(lines) * 0.9)])
+    data_dir = os.path.join(root, "pretrain_data")
+    if not os.path.exists(os.path.join(data_dir, "dataset_metadata.json")):
+        prepare_dataset.prepare([text_file], data_dir, fmt="text", tokenizer_from=chat_dir)
+    n = args.pretrain_iters
+    cfg = load_config("configs/tiny_sft.json", {"model_name": name, "use_loss_mask": False, "dataset_dir": data_dir,
+                                                 "out_dir": args.out_dir, "max_iters": n, "lr_decay_iters": n,
+                                                 "eval_interval": max(1, n // 4)})
+    summary = train(cfg, log=lambda line: print(f"[{name}] {line}"))
+    return summary["val_loss"]
 
 
 @torch.no_grad()
@@ -43,11 +125,9 @@ def assistant_val_loss(model, dataset_dir, block_size, batches=40):
     return total / count
 
 
-def heldout_answers(sampler, max_new_tokens=80):
+def heldout_answers(sampler, records, max_new_tokens=80):
     """Greedy answers to the held-out conversations' last question. Returns (rows, exact, ended)."""
     rows, exact, ended = [], 0, 0
-    with open(HELDOUT) as f:
-        records = [json.loads(line) for line in f]
     for rec in records:
         msgs = rec["messages"]
         turns = [(m["role"], m["content"]) for m in msgs[:-1]]
@@ -65,8 +145,23 @@ def heldout_answers(sampler, max_new_tokens=80):
     return rows, exact, ended
 
 
-def run(name, use_loss_mask, args):
+def past_end_of_turn(sampler, records, max_new_tokens=60):
+    """What the model writes when generation is *not* stopped at its end-of-turn token (shown as <EOT>)."""
+    out = []
+    for rec in records:
+        turns = [(m["role"], m["content"]) for m in rec["messages"][:-1]]
+        ids = chat_prompt(sampler.tok, turns)
+        new = sampler.model.generate(torch.tensor([ids]), max_new_tokens, temperature=0)[0, len(ids):]
+        out.append((turns[-1][1], sampler.tok.decode(new.tolist()).replace(EOT_TEXT, "<EOT>")))
+    return out
+
+
+def run(name, use_loss_mask, args, dataset_dir, heldout, base=None):
     overrides = {"model_name": name, "use_loss_mask": use_loss_mask, "out_dir": args.out_dir}
+    if base:
+        overrides["init_from_model"] = base
+    if dataset_dir:  # None: train.py's default, the shipped sample conversations (prepared on first use)
+        overrides["dataset_dir"] = dataset_dir
     if args.max_iters:
         overrides.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters, eval_interval=args.max_iters // 5)
     cfg = load_config("configs/tiny_sft.json", overrides)
@@ -75,11 +170,15 @@ def run(name, use_loss_mask, args):
     model, tok, ckpt = load_model(name, args.out_dir)
     model.eval()
     sampler = Sampler(model, tok, ckpt, "cpu")
-    rows, exact, ended = heldout_answers(sampler)
+    rows, exact, ended = heldout_answers(sampler, heldout)
+    first_of = {}
+    for rec in heldout:
+        first_of.setdefault(rec.get("task"), rec)
+    unstopped = past_end_of_turn(sampler, [first_of[t] for t in ("greet", "count", "repeat") if t in first_of])
     first_val = float(evals[0].split("val loss ")[1])
     return {"name": name, "use_loss_mask": use_loss_mask, "first_val": first_val, "last_val": summary["val_loss"],
-            "assistant_val_loss": assistant_val_loss(model, SAMPLE_DATASET, cfg.block_size), "exact": exact,
-            "ended": ended, "total": len(rows), "rows": rows}
+            "assistant_val_loss": assistant_val_loss(model, dataset_dir or SAMPLE_DATASET, cfg.block_size), "exact": exact,
+            "ended": ended, "total": len(rows), "rows": rows, "not_stopped": unstopped}
 
 
 def main():
@@ -87,12 +186,32 @@ def main():
     p.add_argument("--max_iters", type=int, default=0, help="0: the preset's (2000)")
     p.add_argument("--out_dir", default="checkpoints")
     p.add_argument("--skip_unmasked", action="store_true", help="only the masked run (the main job)")
+    p.add_argument("--context_chars", type=int, default=0,
+                   help="put a passage of this many characters of prose in front of every conversation (0: as shipped)")
+    p.add_argument("--context_file", default=CONTEXT_FILE, help="where the passages (and pretraining text) come from")
+    p.add_argument("--pretrain_iters", type=int, default=0,
+                   help="pretrain a base model on the prose for this many steps first, and fine-tune from it")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     os.chdir(ROOT)
-    results = [run("chat_tiny", True, args)]
+    base = None
+    if args.context_chars or args.pretrain_iters:
+        prefix = "chat_tiny" + (f"_context{args.context_chars}" if args.context_chars else "") + \
+            (f"_pretrained{args.pretrain_iters}" if args.pretrain_iters else "")
+        root = os.path.join(args.out_dir, prefix + "_data")
+        os.makedirs(root, exist_ok=True)
+        dataset_dir, heldout = context_data(args, root)
+        if args.pretrain_iters:
+            base = prefix + "_base"
+            base_val = pretrain_base(args, root, dataset_dir, base)
+            print(f"base model '{base}': val loss {base_val:.4f} on the prose after {args.pretrain_iters} steps")
+        names = (prefix, prefix + "_unmasked")
+    else:
+        dataset_dir, heldout = None, read_records(HELDOUT)
+        names = ("chat_tiny", "chat_tiny_unmasked")
+    results = [run(names[0], True, args, dataset_dir, heldout, base)]
     if not args.skip_unmasked:
-        results.append(run("chat_tiny_unmasked", False, args))
+        results.append(run(names[1], False, args, dataset_dir, heldout, base))
     print("\n| run | val loss on assistant tokens | held-out exact | held-out ended their turn |")
     print("|---|---|---|---|")
     for r in results:
@@ -105,6 +224,9 @@ def main():
         print(f"\nheld-out answers ({'masked' if r['use_loss_mask'] else 'unmasked'}), first 8:")
         for task, q, expected, got, ended in r["rows"][:8]:
             print(f"  [{task}] {q!r} -> {got!r} (expected {expected!r}){'' if ended else ' [did not end its turn]'}")
+        print("  not stopped at the end of turn:")
+        for q, text in r["not_stopped"]:
+            print(f"  {q!r} -> {text!r}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -308,6 +308,31 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     assert not glob.glob(str(tmp_path / "new*"))
 
 
+def test_tokenizer_from_reuses_a_base_vocabulary(tmp_path):
+    """Char-level two-phase training: the SFT set is prepared with the pretraining set's vocabulary, so the base
+    model fits it; a character outside that vocabulary is an error naming the file, with nothing written."""
+    base_txt = tmp_path / "base.txt"
+    base_txt.write_text("Hello there, Maria! What is your name? My name is Omar.\n" * 20)
+    prepare([str(base_txt)], str(tmp_path / "base"), "char", "text")
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": "What is my name?"}, {"role": "assistant", "content": "Maria."}]}] * 4)
+    r = run_cli("--input_files", chats, "--out_dir", str(tmp_path / "sft"), "--format", "chat",
+                "--tokenizer_from", str(tmp_path / "base"))
+    assert r.returncode == 0, r.stderr
+    base_tok = Tokenizer.load(str(tmp_path / "base" / "tokenizer_state.json"))
+    assert Tokenizer.load(str(tmp_path / "sft" / "tokenizer_state.json")).state_dict() == base_tok.state_dict()
+    tokens = read_split(str(tmp_path / "sft"), "train")
+    assert base_tok.decode(tokens).count(ROLE_MARKERS["assistant"] + "Maria." + EOT_TEXT) >= 1
+    # characters the base never saw ('Z', 'b', 'q') cannot be encoded with its vocabulary
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"messages": [{"role": "user", "content": "Zebra?"}, {"role": "assistant", "content": "quiet"}]}])
+    out = _existing_dataset(tmp_path)
+    r = run_cli("--input_files", bad, "--out_dir", str(out), "--format", "chat", "--tokenizer_from", str(tmp_path / "base"))
+    assert r.returncode == 1 and "bad.jsonl: 3 character(s) 'Zbq' are not in the vocabulary of" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    _untouched(out)
+
+
 def test_a_folder_that_is_not_a_dataset_is_never_replaced(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "one"}, {"text": "two"}])
     (tmp_path / "project").mkdir()
