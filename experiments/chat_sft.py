@@ -49,8 +49,8 @@ def read_records(path):
 
 
 def with_context(records, text, chars, seed):
-    """Each record (as it is when chars is 0) with a passage of `chars` characters of `text` (whitespace collapsed, starting at a word) as a
-    system message in front; a record that already has a system prompt keeps it after the passage."""
+    """Each record with a passage of `chars` characters of `text` (starting at a word) as a system message in front;
+    a record that already has a system prompt keeps it after the passage. chars 0: the records as they are."""
     if not chars:
         return records
     rng = random.Random(seed)
@@ -87,8 +87,7 @@ def context_data(args, root):
                                 args.context_chars, seed=1):
             f.write(json.dumps(rec) + "\n")
     dataset_dir = os.path.join(root, "data")
-    if not os.path.exists(os.path.join(dataset_dir, "dataset_metadata.json")):
-        prepare_dataset.prepare([train_file], dataset_dir, tokenization="char", fmt="chat")
+    prepare_dataset.prepare([train_file], dataset_dir, tokenization="char", fmt="chat")  # seconds; replaces any old one
     return dataset_dir, with_context(read_records(HELDOUT), text[cut:], args.context_chars, seed=2)
 
 
@@ -102,8 +101,7 @@ def pretrain_base(args, root, chat_dir, name):
     with open(text_file, "w") as f:
         f.writelines("".join(c for c in line if c in vocab) + "\n" for line in lines[:int(len(lines) * 0.9)])
     data_dir = os.path.join(root, "pretrain_data")
-    if not os.path.exists(os.path.join(data_dir, "dataset_metadata.json")):
-        prepare_dataset.prepare([text_file], data_dir, fmt="text", tokenizer_from=chat_dir)
+    prepare_dataset.prepare([text_file], data_dir, fmt="text", tokenizer_from=chat_dir)
     n = args.pretrain_iters
     cfg = load_config("configs/tiny_sft.json", {"model_name": name, "use_loss_mask": False, "dataset_dir": data_dir,
                                                  "out_dir": args.out_dir, "max_iters": n, "lr_decay_iters": n,
