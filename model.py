@@ -272,7 +272,10 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += idx.size(1)
         x = self.transformer.ln_f(x)
-        if loss_only and targets is not None and torch.is_grad_enabled():
+        # FOOTGUN: under torch.compile on CUDA (torch 2.11, an H100) the gradients ChunkedCrossEntropy computes in
+        # its forward came out all zero, so the model never learned; on CPU (2.13) they were right. A compiled model
+        # takes the plain path below instead, whose logits and loss Inductor fuses and frees itself.
+        if loss_only and targets is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             weight = (targets.reshape(-1) != -1).float()  # (B*T,): which targets count, as in cross_entropy_loss
             if loss_mask is not None:
                 weight = weight * loss_mask.reshape(-1).float()

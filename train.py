@@ -293,8 +293,9 @@ def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=No
         count_total = count_total + (batch[2].sum().float() if use_loss_mask else float(batch[1].numel()))
         loss_sum_total = loss_sum_total + loss_sum.detach().float()
         batch = following
-    stats = torch.stack([torch.as_tensor(x, dtype=torch.float32).reshape(()) for x in (loss_sum_total, count_total)])
-    stats = stats.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    stats = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device).reshape(())
+                         for x in (loss_sum_total, count_total)])  # (2,): a count may be a python float
     if ddp:
         dist.all_reduce(stats)
     count = stats[1].clamp(min=1.0)
