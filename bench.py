@@ -133,6 +133,13 @@ def autocast(dtype, device="cpu"):
     return autocast_context("cuda" if device.startswith("cuda") else device, dtype)
 
 
+def auto_dtype():
+    """What `dtype: auto` picks on this CPU (train.pick_dtype), as train.py and sample.py use it."""
+    from config import TrainConfig
+    from train import pick_dtype
+    return pick_dtype(TrainConfig(), "cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the models and their training steps
 
@@ -315,9 +322,7 @@ def section_train_tiny(ws, args):
     rows.append(row(f"{what}: our training tokens/s vs the reference figure", fmt_tps(best),
                     fmt_tps(REFERENCE_TOKENS_PER_S) + " (README)", f"{best / REFERENCE_TOKENS_PER_S:.2f}x",
                     ">= 1.2x (18.7k tok/s)", best >= 1.2 * REFERENCE_TOKENS_PER_S))
-    from train import pick_dtype
-    from config import TrainConfig
-    auto = pick_dtype(TrainConfig(), "cpu")
+    auto = auto_dtype()
     res["auto_dtype"] = auto
     rows.append(row(f"{what}: train.py's dtype auto picks {auto}", fmt_tps(tps[f'ours {auto}']),
                     fmt_tps(tps[res['best_ours']]) + " (our fastest)", f"{tps[f'ours {auto}'] / best:.2f}x",
@@ -350,9 +355,7 @@ def section_compile_tiny(ws, args):
     compiled_raw = our_model(TINY, ld.vocab_limit, T, False)
     compiled = torch.compile(compiled_raw)
     e_opt, c_opt = adamw(eager), adamw(compiled_raw)
-    from train import pick_dtype
-    from config import TrainConfig
-    dtype = pick_dtype(TrainConfig(), "cpu")
+    dtype = auto_dtype()
     t = time.perf_counter()
     our_step(compiled, c_opt, ld.get_batch, autocast(dtype))
     our_step(compiled, c_opt, ld.get_batch, autocast(dtype))
@@ -425,9 +428,7 @@ def section_sample(ws, args):
     ours_txt = f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)"
     # as each is shipped: sample.py's --dtype auto (train.pick_dtype) against generate() as it comes (fp32,
     # default attention), the comparison the issue's "about 23 tokens/s" reference figure is
-    from train import pick_dtype
-    from config import TrainConfig
-    auto = pick_dtype(TrainConfig(), "cpu")
+    auto = auto_dtype()
     res["ratio_as_shipped"] = tps[f"ours {auto}"] / tps["transformers float32 sdpa"]
     return [row(f"{what}: tokens/s as shipped (sample.py --dtype auto vs generate() defaults)",
                 f"{fmt_tps(tps[f'ours {auto}'])} ({auto}, KV cache)",
@@ -496,9 +497,7 @@ def section_loader(ws, args):
     torch.manual_seed(0)
     model = our_model(TINY, ld.vocab_limit, T, False)
     opt = adamw(model)
-    from train import pick_dtype
-    from config import TrainConfig
-    dtype = pick_dtype(TrainConfig(), "cpu")
+    dtype = auto_dtype()
     step_batch = random_batches(ld.vocab_limit, B, T)  # the step without its own fetch: training's pure consumption
     med, samples = interleaved({"loader": ld.get_batch, "train step": lambda: our_step(model, opt, step_batch, autocast(dtype))},
                                repeats=5 if args.quick else 9, inner=20)
@@ -596,11 +595,11 @@ def section_train_gpu(ws, args):
     o = results["ours"]
     res = {"gpu": name, "batch_size": B, "block_size": T, "peak_flops": peak, **results}
     rows = []
+    mfu = lambda r: f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""  # noqa: E731
     for ref in ("transformers", "transformers compiled"):
         h = results[ref]
         ratio = o["tokens_per_s"] / h["tokens_per_s"]
         res[f"ratio vs {ref}"] = ratio
-        mfu = lambda r: f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""  # noqa: E731
         rows.append(row(f"124M, block 1024, batch {B}, bf16 ({name}): training tokens/s vs {ref}",
                         f"{fmt_tps(o['tokens_per_s'])} (compiled{mfu(o)}, {o['peak_mem_gb']:.1f} GiB)",
                         f"{fmt_tps(h['tokens_per_s'])} ({ref}{mfu(h)}, {h['peak_mem_gb']:.1f} GiB)", f"{ratio:.2f}x",
@@ -635,8 +634,7 @@ def run_probe(spec):
     shape, B, T = (TINY, TINY["batch_size"], TINY["block_size"]) if spec["shape"] == "tiny" else (GPT2_124M, 4, 256)
     setting = spec["setting"]
     if setting == "auto":
-        from config import TrainConfig
-        setting = train.pick_dtype(TrainConfig(), "cpu")
+        setting = auto_dtype()
     dtype, _, impl = setting.partition(" ")
 
     def build(shape, vocab, T, B):
