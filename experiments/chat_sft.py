@@ -75,11 +75,11 @@ def read_prose(path):
         return ["".join(c for c in line if 32 <= ord(c) < 127) for line in f]
 
 
-def context_data(args, root):
-    """Write the shipped conversations with passages in front, prepare them (char tokens, like the shipped set) and
-    return (dataset_dir, held-out records)."""
+def context_data(args, root, lines):
+    """Write the shipped conversations with passages of the prose `lines` in front, prepare them (char tokens, like
+    the shipped set) and return (dataset_dir, held-out records)."""
     import prepare_dataset
-    text = " ".join(" ".join(read_prose(args.context_file)).split())
+    text = " ".join(" ".join(lines).split())
     cut = int(len(text) * 0.9)
     train_file = os.path.join(root, "sample_chat_context.jsonl")
     with open(train_file, "w") as f:
@@ -91,12 +91,11 @@ def context_data(args, root):
     return dataset_dir, with_context(read_records(HELDOUT), text[cut:], args.context_chars, seed=2)
 
 
-def pretrain_base(args, root, chat_dir, name):
-    """Pretrain `name` on the first 90% of the prose's lines, in the chat data's vocabulary (other characters
+def pretrain_base(args, root, lines, chat_dir, name):
+    """Pretrain `name` on the first 90% of the prose `lines`, in the chat data's vocabulary (other characters
     dropped), with tiny_sft's shape and schedule."""
     import prepare_dataset
     vocab = set(Tokenizer.load(os.path.join(chat_dir, "tokenizer_state.json")).chars)
-    lines = read_prose(args.context_file)
     text_file = os.path.join(root, "pretrain.txt")
     with open(text_file, "w") as f:
         f.writelines("".join(c for c in line if c in vocab) + "\n" for line in lines[:int(len(lines) * 0.9)])
@@ -123,14 +122,18 @@ def assistant_val_loss(model, dataset_dir, block_size, batches=40):
     return total / count
 
 
+def question_ids(tok, rec):
+    """A held-out record's turns before its last answer, and the ids that ask the model for that answer."""
+    turns = [(m["role"], m["content"]) for m in rec["messages"][:-1]]
+    return turns, chat_prompt(tok, turns)
+
+
 def heldout_answers(sampler, records, max_new_tokens=80):
     """Greedy answers to the held-out conversations' last question. Returns (rows, exact, ended)."""
     rows, exact, ended = [], 0, 0
     for rec in records:
-        msgs = rec["messages"]
-        turns = [(m["role"], m["content"]) for m in msgs[:-1]]
-        expected = msgs[-1]["content"]
-        ids = chat_prompt(sampler.tok, turns)
+        turns, ids = question_ids(sampler.tok, rec)
+        expected = rec["messages"][-1]["content"]
         x = torch.tensor([ids])
         out = sampler.model.generate(x, max_new_tokens, temperature=0, stop_tokens=[sampler.tok.eot_token])[0, len(ids):]
         new = out.tolist()
@@ -147,8 +150,7 @@ def past_end_of_turn(sampler, records, max_new_tokens=60):
     """What the model writes when generation is *not* stopped at its end-of-turn token (shown as <EOT>)."""
     out = []
     for rec in records:
-        turns = [(m["role"], m["content"]) for m in rec["messages"][:-1]]
-        ids = chat_prompt(sampler.tok, turns)
+        turns, ids = question_ids(sampler.tok, rec)
         new = sampler.model.generate(torch.tensor([ids]), max_new_tokens, temperature=0)[0, len(ids):]
         out.append((turns[-1][1], sampler.tok.decode(new.tolist()).replace(EOT_TEXT, "<EOT>")))
     return out
@@ -198,10 +200,11 @@ def main():
             (f"_pretrained{args.pretrain_iters}" if args.pretrain_iters else "")
         root = os.path.join(args.out_dir, prefix + "_data")
         os.makedirs(root, exist_ok=True)
-        dataset_dir, heldout = context_data(args, root)
+        lines = read_prose(args.context_file)
+        dataset_dir, heldout = context_data(args, root, lines)
         if args.pretrain_iters:
             base = prefix + "_base"
-            base_val = pretrain_base(args, root, dataset_dir, base)
+            base_val = pretrain_base(args, root, lines, dataset_dir, base)
             print(f"base model '{base}': val loss {base_val:.4f} on the prose after {args.pretrain_iters} steps")
         names = (prefix, prefix + "_unmasked")
     else:
