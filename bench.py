@@ -17,6 +17,10 @@ above the process's size after its imports; torch.cuda.max_memory_allocated on a
 high-water mark never goes down. On a machine with more runnable processes than cores, 2 threads per process
 collapse (each op waits for a descheduled thread: 10x slower): use --threads 1 there; the load average is printed.
 
+Ceilings: the training and sampling sections also time our step's matrix products alone (recorded at PyTorch's
+dispatch level, replayed on random inputs with nothing in between): about the most any code doing the same
+arithmetic can reach here, which tells a target our overhead misses from one no implementation could meet.
+
 The references: transformers' GPT2LMHeadModel at the same shape (training step and generate), raw tiktoken
 encode_ordinary_batch over the same text (preparation), the batches per second training consumes (loader),
 GPT2LMHeadModel.from_pretrained on the same checkpoint (conversion), full fine-tuning (LoRA memory).
@@ -140,6 +144,44 @@ def auto_dtype():
     return pick_dtype(TrainConfig(), "cpu")
 
 
+MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+def recorded_matmuls(fn):
+    """Every matrix product (mm, addmm, bmm) one call of fn runs, in order, with the shape, strides and dtype of
+    each tensor input: [(op, [(shape, stride, dtype), ...]), ...]. Recorded at PyTorch's dispatch level (below
+    autograd and autocast), so backward's products are there, in the dtype autocast gave them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    products = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in MATMUL_OPS:
+                products.append((func, [(a.shape, a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+    with Record():
+        fn()
+    return products
+
+
+def matmuls_alone(products, device="cpu"):
+    """A zero-argument fn that runs the same products on random tensors and nothing else: the time of a step's
+    arithmetic with no other work, so tokens / that time is about the most any code doing the same products can
+    reach on this machine (a ceiling for the ratio against a reference). Every product gets inputs of its own with
+    the recorded layout (a transposed weight is read differently), as in the real step, where each layer reads its
+    own weights: shared inputs would sit warm in the cache and make a memory-bound step look faster than it can
+    be. Work that is not a mm/addmm/bmm (a fused attention kernel, elementwise ops, the optimizer) counts as free."""
+    def like(shape, stride, dtype):
+        span = 1 + sum((n - 1) * s for n, s in zip(shape, stride))  # elements the strided view reaches
+        return torch.randn(span, dtype=dtype, device=device).as_strided(shape, stride)
+    args = [(op, [like(*t) for t in tensors]) for op, tensors in products]
+
+    def run():
+        for op, a in args:
+            op(*a)
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the models and their training steps
 
@@ -206,7 +248,8 @@ def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get
     o_opt, h_opt = adamw(ours, device), adamw(hf, device)
     fns = {}
     for dtype in ("float32", "bfloat16"):
-        fns[f"ours {dtype}"] = (lambda d=dtype: our_step(ours, o_opt, ours_get_batch, autocast(d, device)))
+        fns[f"ours {dtype}"] = step = (lambda d=dtype: our_step(ours, o_opt, ours_get_batch, autocast(d, device)))
+        fns[f"matmuls alone {dtype}"] = matmuls_alone(recorded_matmuls(step), device)
     for dtype, impl in HF_SETTINGS:
         def f(d=dtype, i=impl):
             hf.set_attn_implementation(i)
@@ -221,7 +264,8 @@ def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get
     return {"name": name, "tokens_per_s": tps, "tokens_per_cpu_s": cpu_rates(samples, tokens),
             "seconds_per_step_samples": samples, "best_ours": best_ours, "best_hf": best_hf,
             "best_hf_default_attention": best_hf_sdpa, "ratio": tps[best_ours] / tps[best_hf],
-            "ratio_default_attention": tps[best_ours] / tps[best_hf_sdpa]}
+            "ratio_default_attention": tps[best_ours] / tps[best_hf_sdpa],
+            "ceiling_ratio": tps[f"matmuls alone {best_ours[5:]}"] / tps[best_hf]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,8 +331,8 @@ def fmt_tps(x):
 
 
 def train_rows(res, what, target_ratio):
-    """Two rows: transformers in its fastest dtype with its default attention (SDPA), and in its fastest setting
-    of all, eager attention included."""
+    """Three rows: transformers in its fastest dtype with its default attention (SDPA), in its fastest setting of
+    all (eager attention included), and the ceiling: our step's matrix products alone against that."""
     tps = res["tokens_per_s"]
     ours, hf, hf_sdpa = res["best_ours"], res["best_hf"], res["best_hf_default_attention"]
     return [row(f"{what}: training tokens/s, fastest dtype each (transformers' default attention)",
@@ -297,7 +341,10 @@ def train_rows(res, what, target_ratio):
                 res["ratio_default_attention"] >= target_ratio),
             row(f"{what}: training tokens/s, fastest setting each (transformers' eager attention too)",
                 f"{fmt_tps(tps[ours])} ({ours[5:]})", f"{fmt_tps(tps[hf])} ({hf[13:]})", f"{res['ratio']:.2f}x",
-                f">= {target_ratio}x vs transformers", res["ratio"] >= target_ratio)]
+                f">= {target_ratio}x vs transformers", res["ratio"] >= target_ratio),
+            row(f"{what}: our step's matrix products alone, no other work (the ceiling of any code doing them)",
+                f"{fmt_tps(tps['matmuls alone ' + ours[5:]])} ({ours[5:]})", f"{fmt_tps(tps[hf])} ({hf[13:]})",
+                f"{res['ceiling_ratio']:.2f}x", "(reported)", None)]
 
 
 def memory_rows(what, shape_spec, res):
@@ -401,7 +448,16 @@ def section_sample(ws, args):
                                                                do_sample=False)
     fns = {f"ours {d}": (lambda d=d: ours_gen(d)) for d in ("float32", "bfloat16")}
     fns.update({f"transformers {d} {i}": (lambda d=d, i=i: hf_gen(d, i)) for d, i in HF_SETTINGS})
-    med, samples = interleaved(fns, repeats=3, warmup=1)  # 6 candidates x 256 tokens: minutes already
+    # the ceiling: the products of one decode step (those of a 2-token generate after those of a 1-token one, i.e.
+    # after the prefill), once per new token; each decode step reads all the weights, so a whole generate's
+    # products, each with inputs of its own, would not fit in memory
+    for d in ("float32", "bfloat16"):
+        with autocast(d):
+            prefill = recorded_matmuls(lambda: ours.generate(prompt, 1, temperature=0))
+            two = recorded_matmuls(lambda: ours.generate(prompt, 2, temperature=0))
+        decode_step = matmuls_alone(two[len(prefill):])
+        fns[f"matmuls alone {d}"] = (lambda f=decode_step: [f() for _ in range(n_new)])
+    med, samples = interleaved(fns, repeats=3, warmup=1)  # 8 candidates x 256 tokens: minutes already
     tps = {k: n_new / v for k, v in med.items()}
     best_ours, best_hf = fastest(tps, "ours"), fastest(tps, "transformers")
     hf_sdpa = fastest(tps, "transformers", "sdpa")
@@ -423,7 +479,7 @@ def section_sample(ws, args):
            "ratio": tps[best_ours] / tps[best_hf], "ratio_default_attention": tps[best_ours] / tps[hf_sdpa],
            "same_tokens_as_transformers_fp32": same,
            "recompute_seconds": t_full, "cache_seconds": t_cache, "cache_speedup": t_full / t_cache,
-           "recompute_same_tokens": same_full}
+           "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"matmuls alone {d}"] / tps[best_hf]}
     what = f"sampling 124M, batch 1, greedy, {n_new} new tokens (CPU)"
     ours_txt = f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)"
     # as each is shipped: sample.py's --dtype auto (train.pick_dtype) against generate() as it comes (fp32,
@@ -441,6 +497,9 @@ def section_sample(ws, args):
             row(f"{what}: tokens/s, fastest setting each (transformers' eager attention too)", ours_txt,
                 f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)", f"{res['ratio']:.2f}x",
                 ">= 1.5x vs transformers", res["ratio"] >= 1.5),
+            row(f"{what}: our generate's matrix products alone, no other work (the ceiling of any code doing them)",
+                f"{fmt_tps(tps[f'matmuls alone {d}'])} ({d})", f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)",
+                f"{res['ceiling_ratio']:.2f}x", "(reported)", None),
             row(f"{what}: KV cache vs full recompute ({d})", fmt_tps(n_new / t_cache), fmt_tps(n_new / t_full),
                 f"{res['cache_speedup']:.1f}x", "(reported)", None,
                 f"same tokens: {'yes' if same_full else 'NO'}")], res

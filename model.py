@@ -380,7 +380,7 @@ class GPT(nn.Module):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from (B, V) logits. temperature 0 means greedy (argmax)."""
     if temperature == 0:
-        return torch.argmax(logits, dim=-1)
+        return torch.argmax(logits.float(), dim=-1)  # fp32: PyTorch's CPU argmax is 5x slower on bf16 logits
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
