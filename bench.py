@@ -333,6 +333,13 @@ def row(what, ours, ref, ratio, target, ok, note=""):
     return {"what": what, "ours": ours, "reference": ref, "ratio": ratio, "target": target, "ok": ok, "note": note}
 
 
+def ceiling_row(what, step, tps, dtype, ref, ratio, ref_suffix=""):
+    """The ceiling row: our `step`'s matrix products alone (the "matmuls alone DTYPE" candidate) against ref."""
+    return row(f"{what}: our {step}'s matrix products alone, no other work (the ceiling of any code doing them)",
+               f"{fmt_tps(tps[f'matmuls alone {dtype}'])} ({dtype})", f"{fmt_tps(tps[ref])} ({ref[13:]}{ref_suffix})",
+               f"{ratio:.2f}x", "(reported)", None)
+
+
 def fmt_tps(x):
     return f"{x / 1000:,.1f}k tok/s" if x >= 1000 else f"{x:,.1f} tok/s"
 
@@ -350,9 +357,7 @@ def train_rows(res, what, target_ratio):
                 f"{fmt_tps(tps[ours])} ({ours[5:]})", f"{fmt_tps(tps[hf])} ({hf[13:]})", f"{res['ratio']:.2f}x",
                 f">= {target_ratio}x vs transformers", res["ratio"] >= target_ratio,
                 per_repeat(res["seconds_per_step_samples"], ours, hf)),
-            row(f"{what}: our step's matrix products alone, no other work (the ceiling of any code doing them)",
-                f"{fmt_tps(tps['matmuls alone ' + ours[5:]])} ({ours[5:]})", f"{fmt_tps(tps[hf])} ({hf[13:]})",
-                f"{res['ceiling_ratio']:.2f}x", "(reported)", None)]
+            ceiling_row(what, "step", tps, ours[5:], hf, res["ceiling_ratio"])]
 
 
 def memory_rows(what, shape_spec, res):
@@ -505,9 +510,7 @@ def section_sample(ws, args):
             row(f"{what}: tokens/s, fastest setting each (transformers' eager attention too)", ours_txt,
                 f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)", f"{res['ratio']:.2f}x",
                 ">= 1.5x vs transformers", res["ratio"] >= 1.5, per_repeat(samples, best_ours, best_hf)),
-            row(f"{what}: our generate's matrix products alone, no other work (the ceiling of any code doing them)",
-                f"{fmt_tps(tps[f'matmuls alone {d}'])} ({d})", f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)",
-                f"{res['ceiling_ratio']:.2f}x", "(reported)", None),
+            ceiling_row(what, "generate", tps, d, best_hf, res["ceiling_ratio"], ", generate"),
             row(f"{what}: KV cache vs full recompute ({d})", fmt_tps(n_new / t_cache), fmt_tps(n_new / t_full),
                 f"{res['cache_speedup']:.1f}x", "(reported)", None,
                 f"same tokens: {'yes' if same_full else 'NO'}")], res
