@@ -17,9 +17,11 @@ above the process's size after its imports; torch.cuda.max_memory_allocated on a
 high-water mark never goes down. On a machine with more runnable processes than cores, 2 threads per process
 collapse (each op waits for a descheduled thread: 10x slower): use --threads 1 there; the load average is printed.
 
-Ceilings: the training and sampling sections also time our step's matrix products alone (recorded at PyTorch's
-dispatch level, replayed on random inputs with nothing in between): about the most any code doing the same
-arithmetic can reach here, which tells a target our overhead misses from one no implementation could meet.
+Ceilings: the training and sampling sections also time our step's unavoidable arithmetic alone: its matrix
+products and GPT-2's own kernels (tanh GELU, layer norms, the loss's log-softmax), recorded at PyTorch's dispatch
+level and replayed on random inputs with nothing in between, plus the AdamW update for training. That is about
+the most any PyTorch code doing the same arithmetic can reach here, which tells a target our overhead misses from
+one no implementation could meet.
 
 The references: transformers' GPT2LMHeadModel at the same shape (training step and generate), raw tiktoken
 encode_ordinary_batch over the same text (preparation), the batches per second training consumes (loader),
@@ -27,6 +29,7 @@ GPT2LMHeadModel.from_pretrained on the same checkpoint (conversion), full fine-t
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -152,40 +155,69 @@ def auto_dtype():
 
 
 MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+# the rest of the arithmetic any GPT-2 step runs, however it is written: its tanh GELU, its layer norms and the
+# loss's log-softmax over the vocabulary, forward and backward (PyTorch's kernels for each)
+GPT2_OPS = (torch.ops.aten.gelu.default, torch.ops.aten.gelu_backward.default, torch.ops.aten.native_layer_norm.default,
+            torch.ops.aten.native_layer_norm_backward.default, torch.ops.aten._log_softmax.default)
+Spec = collections.namedtuple("Spec", "shape stride dtype")  # a recorded tensor argument
 
 
-def recorded_matmuls(fn):
-    """Every matrix product (mm, addmm, bmm) one call of fn runs, in order, with the shape, strides and dtype of
-    each tensor input: [(op, [(shape, stride, dtype), ...]), ...]. Recorded at PyTorch's dispatch level (below
-    autograd and autocast), so backward's products are there, in the dtype autocast gave them."""
+def recorded_ops(fn, ops=MATMUL_OPS + GPT2_OPS):
+    """Every call of one of `ops` that one call of fn makes, in order: [(op, args, kwargs), ...], each tensor
+    argument replaced by its Spec (shape, strides, dtype). Recorded at PyTorch's dispatch level (below autograd and
+    autocast), so backward's calls are there, in the dtype autocast gave them."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    products = []
+    calls = []
+
+    def spec(a):
+        return Spec(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in MATMUL_OPS:
-                products.append((func, [(a.shape, a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor)]))
+            if func in ops:
+                calls.append((func, [spec(a) for a in args], {k: spec(v) for k, v in (kwargs or {}).items()}))
             return func(*args, **(kwargs or {}))
     with Record():
         fn()
-    return products
+    return calls
 
 
-def matmuls_alone(products, device="cpu"):
-    """A zero-argument fn that runs the same products on random tensors and nothing else: the time of a step's
-    arithmetic with no other work, so tokens / that time is about the most any code doing the same products can
-    reach on this machine (a ceiling for the ratio against a reference). Every product gets inputs of its own with
-    the recorded layout (a transposed weight is read differently), as in the real step, where each layer reads its
-    own weights: shared inputs would sit warm in the cache and make a memory-bound step look faster than it can
-    be. Work that is not a mm/addmm/bmm (a fused attention kernel, elementwise ops, the optimizer) counts as free."""
-    def like(shape, stride, dtype):
-        span = 1 + sum((n - 1) * s for n, s in zip(shape, stride))  # elements the strided view reaches
-        return torch.randn(span, dtype=dtype, device=device).as_strided(shape, stride)
-    args = [(op, [like(*t) for t in tensors]) for op, tensors in products]
+def ops_alone(calls, device="cpu"):
+    """A zero-argument fn that makes the same calls on random tensors and nothing else: the time of a step's
+    arithmetic with no other work, so tokens / that time is about the most any code doing the same arithmetic with
+    PyTorch's kernels can reach on this machine (a ceiling for the ratio against a reference). Every call gets
+    inputs of its own with the recorded layout (a transposed weight is read differently), as in the real step,
+    where each layer reads its own weights: shared inputs would sit warm in the cache and make a memory-bound step
+    look faster than it can be. Work that is not recorded (attention's softmax, casts, residual adds, Python) counts
+    as free."""
+    def make(a):
+        if not isinstance(a, Spec):
+            return a
+        span = 1 + sum((n - 1) * s for n, s in zip(a.shape, a.stride))  # elements the strided view reaches
+        return torch.randn(span, dtype=a.dtype, device=device).as_strided(a.shape, a.stride)
+    replay = [(op, [make(a) for a in args], {k: make(v) for k, v in kwargs.items()}) for op, args, kwargs in calls]
 
     def run():
-        for op, a in args:
-            op(*a)
+        for op, args, kwargs in replay:
+            op(*args, **kwargs)
+    return run
+
+
+def update_alone(model, optimizer):
+    """A zero-argument fn that does the rest of the arithmetic every training step has to do, transformers' step
+    included: clip the gradients and take the AdamW step (the same fused kernel, on weights of the same shapes).
+    On a CPU it reads and writes every fp32 weight, gradient and moment: 0.1 s of a GPT-2 124M step here.
+    The gradients are random, with a norm under the clip of 1.0, so clipping (which always multiplies) leaves them
+    as they are; the weights move by one AdamW step per call, which changes no timing."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) * 1e-6 for p in params]  # norm 0.01 at 124M
+
+    def run():
+        for p, g in zip(params, grads):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return run
 
 
@@ -253,10 +285,11 @@ def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get
     ours = our_model(shape, our_vocab, block_size, bias, device)
     hf = hf_model(shape, hf_vocab, block_size, device)
     o_opt, h_opt = adamw(ours, device), adamw(hf, device)
-    fns = {}
+    fns, update = {}, update_alone(ours, o_opt)
     for dtype in ("float32", "bfloat16"):
         fns[f"ours {dtype}"] = step = (lambda d=dtype: our_step(ours, o_opt, ours_get_batch, autocast(d, device)))
-        fns[f"matmuls alone {dtype}"] = matmuls_alone(recorded_matmuls(step), device)
+        # the ceiling: the step's products and GPT-2 kernels, and its optimizer update, with nothing else between
+        fns[f"ceiling {dtype}"] = (lambda p=ops_alone(recorded_ops(step), device): (p(), update()))
     for dtype, impl in HF_SETTINGS:
         def f(d=dtype, i=impl):
             hf.set_attn_implementation(i)
@@ -272,7 +305,7 @@ def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get
             "seconds_per_step_samples": samples, "best_ours": best_ours, "best_hf": best_hf,
             "best_hf_default_attention": best_hf_sdpa, "ratio": tps[best_ours] / tps[best_hf],
             "ratio_default_attention": tps[best_ours] / tps[best_hf_sdpa],
-            "ceiling_ratio": tps[f"matmuls alone {best_ours[5:]}"] / tps[best_hf]}
+            "ceiling_ratio": tps[f"ceiling {best_ours[5:]}"] / tps[best_hf]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,10 +366,10 @@ def row(what, ours, ref, ratio, target, ok, note=""):
     return {"what": what, "ours": ours, "reference": ref, "ratio": ratio, "target": target, "ok": ok, "note": note}
 
 
-def ceiling_row(what, step, tps, dtype, ref, ratio, ref_suffix=""):
-    """The ceiling row: our `step`'s matrix products alone (the "matmuls alone DTYPE" candidate) against ref."""
-    return row(f"{what}: our {step}'s matrix products alone, no other work (the ceiling of any code doing them)",
-               f"{fmt_tps(tps[f'matmuls alone {dtype}'])} ({dtype})", f"{fmt_tps(tps[ref])} ({ref[13:]}{ref_suffix})",
+def ceiling_row(what, work, tps, dtype, ref, ratio, ref_suffix=""):
+    """The ceiling row: `work` alone, no other (the "ceiling DTYPE" candidate), against ref."""
+    return row(f"{what}: {work} alone (the ceiling of any PyTorch code doing them)",
+               f"{fmt_tps(tps[f'ceiling {dtype}'])} ({dtype})", f"{fmt_tps(tps[ref])} ({ref[13:]}{ref_suffix})",
                f"{ratio:.2f}x", "(reported)", None)
 
 
@@ -346,7 +379,7 @@ def fmt_tps(x):
 
 def train_rows(res, what, target_ratio):
     """Three rows: transformers in its fastest dtype with its default attention (SDPA), in its fastest setting of
-    all (eager attention included), and the ceiling: our step's matrix products alone against that."""
+    all (eager attention included), and the ceiling: our step's unavoidable arithmetic alone against that."""
     tps = res["tokens_per_s"]
     ours, hf, hf_sdpa = res["best_ours"], res["best_hf"], res["best_hf_default_attention"]
     return [row(f"{what}: training tokens/s, fastest dtype each (transformers' default attention)",
@@ -357,7 +390,8 @@ def train_rows(res, what, target_ratio):
                 f"{fmt_tps(tps[ours])} ({ours[5:]})", f"{fmt_tps(tps[hf])} ({hf[13:]})", f"{res['ratio']:.2f}x",
                 f">= {target_ratio}x vs transformers", res["ratio"] >= target_ratio,
                 per_repeat(res["seconds_per_step_samples"], ours, hf)),
-            ceiling_row(what, "step", tps, ours[5:], hf, res["ceiling_ratio"])]
+            ceiling_row(what, "our step's matrix products, GELU, layer norms, loss log-softmax and AdamW update", tps,
+                        ours[5:], hf, res["ceiling_ratio"])]
 
 
 def memory_rows(what, shape_spec, res):
@@ -461,15 +495,15 @@ def section_sample(ws, args):
                                                                do_sample=False)
     fns = {f"ours {d}": (lambda d=d: ours_gen(d)) for d in ("float32", "bfloat16")}
     fns.update({f"transformers {d} {i}": (lambda d=d, i=i: hf_gen(d, i)) for d, i in HF_SETTINGS})
-    # the ceiling: the products of one decode step (those of a 2-token generate after those of a 1-token one, i.e.
-    # after the prefill), once per new token; each decode step reads all the weights, so a whole generate's
-    # products, each with inputs of its own, would not fit in memory
+    # the ceiling: the recorded arithmetic of one decode step (that of a 2-token generate after that of a 1-token
+    # one, i.e. after the prefill), once per new token; each decode step reads all the weights, so a whole
+    # generate's products, each with inputs of its own, would not fit in memory
     for d in ("float32", "bfloat16"):
         with autocast(d):
-            prefill = recorded_matmuls(lambda: ours.generate(prompt, 1, temperature=0))
-            two = recorded_matmuls(lambda: ours.generate(prompt, 2, temperature=0))
-        decode_step = matmuls_alone(two[len(prefill):])
-        fns[f"matmuls alone {d}"] = (lambda f=decode_step: [f() for _ in range(n_new)])
+            prefill = recorded_ops(lambda: ours.generate(prompt, 1, temperature=0))
+            two = recorded_ops(lambda: ours.generate(prompt, 2, temperature=0))
+        decode_step = ops_alone(two[len(prefill):])
+        fns[f"ceiling {d}"] = (lambda f=decode_step: [f() for _ in range(n_new)])
     med, samples = interleaved(fns, repeats=3, warmup=1)  # 8 candidates x 256 tokens: minutes already
     tps = {k: n_new / v for k, v in med.items()}
     best_ours, best_hf = fastest(tps, "ours"), fastest(tps, "transformers")
@@ -492,7 +526,7 @@ def section_sample(ws, args):
            "ratio": tps[best_ours] / tps[best_hf], "ratio_default_attention": tps[best_ours] / tps[hf_sdpa],
            "same_tokens_as_transformers_fp32": same,
            "recompute_seconds": t_full, "cache_seconds": t_cache, "cache_speedup": t_full / t_cache,
-           "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"matmuls alone {d}"] / tps[best_hf]}
+           "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"ceiling {d}"] / tps[best_hf]}
     what = f"sampling 124M, batch 1, greedy, {n_new} new tokens (CPU)"
     ours_txt = f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)"
     # as each is shipped: sample.py's --dtype auto (train.pick_dtype) against generate() as it comes (fp32,
@@ -510,7 +544,8 @@ def section_sample(ws, args):
             row(f"{what}: tokens/s, fastest setting each (transformers' eager attention too)", ours_txt,
                 f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)", f"{res['ratio']:.2f}x",
                 ">= 1.5x vs transformers", res["ratio"] >= 1.5, per_repeat(samples, best_ours, best_hf)),
-            ceiling_row(what, "generate", tps, d, best_hf, res["ceiling_ratio"], ", generate"),
+            ceiling_row(what, "our generate's matrix products, GELU and layer norms", tps, d, best_hf,
+                        res["ceiling_ratio"], ", generate"),
             row(f"{what}: KV cache vs full recompute ({d})", fmt_tps(n_new / t_cache), fmt_tps(n_new / t_full),
                 f"{res['cache_speedup']:.1f}x", "(reported)", None,
                 f"same tokens: {'yes' if same_full else 'NO'}")], res
