@@ -44,7 +44,9 @@ class LayerNorm(nn.Module):
 
 class KVCache:
     """Keys and values of every layer, preallocated for the whole generation: k, v are (n_layer, B, nh, T_max, hs).
-    `pos` counts the tokens already cached; GPT.forward advances it after the last layer."""
+    `pos` counts the tokens already cached; GPT.forward advances it after the last layer. Every row has the same
+    length here; engine.py's cache holds rows of different lengths (a (B,) tensor `pos` and a key mask)."""
+    mask = None  # (B, 1, T, Tk) bool: which cached keys each row's queries may see; None: all of them
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_size):
         self.shape = (n_layer, batch_size, n_head, max_len, head_size)
@@ -80,8 +82,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        rows_mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
+            rows_mask = kv_cache.mask  # rows of different lengths (engine.py): each sees only its own keys
         Tk = k.size(2)
         # PyTorch's fused CPU attention kernel is slow in bf16 on short sequences: there the written-out product
         # below makes the whole training step 1.5x faster at the same loss (bench.py, AVX512-BF16 CPU, up to 512
@@ -92,13 +96,18 @@ class CausalSelfAttention(nn.Module):
             # goes on q (fewer elements than att) and the mask is added (-inf above the diagonal): fewer passes
             future = torch.full((T, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(Tk - T + 1)  # (T, Tk)
             att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1) + future  # (B, nh, T, Tk)
+            if rows_mask is not None:
+                att = att.masked_fill(~rows_mask, float("-inf"))
             att = F.softmax(att, dim=-1)
             if attn_out is not None:
                 attn_out.append(att.detach())
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         else:
             dropout_p = self.dropout if self.training else 0.0
-            if Tk == T:  # whole sequence at once: training, evaluation, prefill
+            if rows_mask is not None:  # one new token per row, rows of different lengths (engine.py)
+                assert T == 1, "a per-row key mask is for one-token decode steps"
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, dropout_p=dropout_p)
+            elif Tk == T:  # whole sequence at once: training, evaluation, prefill
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             elif T == 1:  # one new token attends to everything cached: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -247,7 +256,10 @@ class GPT(nn.Module):
         return n
 
     def embed(self, idx, start_pos=0):
-        """Token + position embedding of (B, T) ids starting at absolute position start_pos -> (B, T, C)."""
+        """Token + position embedding of (B, T) ids starting at absolute position start_pos -> (B, T, C).
+        start_pos is an int, or a (B,) tensor: each row's own start (engine.py's rows of different lengths)."""
+        if torch.is_tensor(start_pos):
+            return self._embed_rows(idx, start_pos)
         T = idx.size(1)
         if start_pos + T > self.config.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than the model's block_size "
@@ -256,6 +268,16 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         if self.config.use_bos_zero_training and start_pos == 0:
             x = scale_first_position(x, self.config.bos_scaling_factor)  # only ever absolute position 0
+        return self.transformer.drop(x)
+
+    def _embed_rows(self, idx, start_pos):
+        """embed() with a start position per row: (B, T) ids, (B,) starts. The caller keeps every row inside
+        block_size (checking here would cost a device sync per decode step)."""
+        pos = start_pos[:, None] + torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (B, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        if self.config.use_bos_zero_training:  # the same product as scale_first_position, row by row
+            scale = torch.where(pos == 0, self.config.bos_scaling_factor, 1.0).to(x.dtype)  # (B, T)
+            x = x * scale[..., None]
         return self.transformer.drop(x)
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, attn_out=None, last_only=False,
