@@ -120,6 +120,13 @@ class Engine:
     def busy(self):
         return bool(self.rows or self.pending)
 
+    def clear(self):
+        """Drop every running and waiting request (after a failed step, or at shutdown); returns them."""
+        dropped = self.rows + list(self.pending)
+        self.rows, self.last, self.history, self.filled = [], [], [], []
+        self.pending.clear()
+        return dropped
+
     def run(self, requests):
         """Submit requests and step until all are done, yielding (request, new text, finish_reason or None)."""
         for r in requests:

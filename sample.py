@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
-from tokenizer import ROLE_MARKERS, chat_prompt
+from tokenizer import TURN_STOPS, chat_prompt
 from train import autocast_context, keep_freed_memory, pick_dtype
 
 
@@ -59,7 +59,7 @@ class Sampler:
         turn) when stop_at_eot, and, for chat, also when the model starts a new user turn on its own (cut there).
         kw: temperature, top_k, top_p, seed or generator."""
         return Request(self.cropped(ids), max_new_tokens, stop_tokens=(self.tok.eot_token,) if stop_at_eot else (),
-                       stop=(ROLE_MARKERS["user"],) if self.is_chat else (), **kw)
+                       stop=TURN_STOPS if self.is_chat else (), **kw)
 
     def cropped(self, ids):
         bs = self.model.config.block_size
@@ -68,18 +68,13 @@ class Sampler:
             ids = self.model.context_window(torch.tensor([ids]), len(ids), bs - 1)[0].tolist()  # BOS-zero: BOS kept
         return list(ids)
 
-    def finished_text(self, req):
-        """A reply cut where the model began the user's next turn loses the newline before that marker."""
-        cut = self.is_chat and req.finish_reason == "stop" and req.tokens[-1] != self.tok.eot_token
-        return req.text.rstrip("\n") if cut else req.text
-
     def stream(self, ids, max_new_tokens, stop_at_eot, out=None, **kw):
         """Generate after `ids` for one sample, writing text to `out` as it comes; returns the generated text."""
         req = self.request(ids, max_new_tokens, stop_at_eot, **kw)
         for _, piece, _ in self.engine.run([req]):
             if out:
                 out.write(piece), out.flush()
-        return self.finished_text(req)
+        return req.text
 
     def reply(self, turns, max_new_tokens=200, out=None, **kw):
         """The assistant's next turn after [(role, content), ...], rendered with the training chat template."""

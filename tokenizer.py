@@ -33,6 +33,9 @@ ROLE_MARKERS = {
     "assistant": "<|assistant|>\n",
     "tool": "<|tool|>\n",  # tool / observation results: context, never trained on
 }
+# a trained model closes its turn with the end-of-text token; one that starts the user's next turn instead is cut
+# there, the newline before that marker included (sample.py and serve.py stop at these texts)
+TURN_STOPS = (ROLE_MARKERS["user"], "\n" + ROLE_MARKERS["user"])
 TEMPLATE_TEXT = "".join(ROLE_MARKERS.values())  # every character the template can emit (char vocab needs them)
 
 
