@@ -31,6 +31,12 @@ import uuid
 from contextlib import asynccontextmanager
 
 import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
@@ -93,7 +99,7 @@ class DecodeLoop:
         for req in items:
             try:
                 self.engine.submit(req)
-            except ValueError as e:  # checked by the handlers already; a request must never break the loop
+            except Exception as e:  # noqa: BLE001 -- checked by the handlers already; one must never stop the loop
                 self._tell(req, "", "error", str(e))
 
     @staticmethod
@@ -252,6 +258,10 @@ class Service:
         self.is_chat = ckpt.get("data_format") == "chat"
         self.created = created
 
+    def card(self):
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "gptlab",
+                "chat": self.is_chat, "context_length": self.block_size}
+
     def check_key(self, request):
         if self.api_key is None:
             return
@@ -308,7 +318,7 @@ class Service:
         return Request(ids, limit or default_limit, temperature=number(body, "temperature", 1.0, 0, 2),
                        top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
                        top_k=number(body, "top_k", None, 0, integer=True) or None,
-                       seed=number(body, "seed", None, integer=True), stop_tokens=(self.tok.eot_token,), stop=stop)
+                       seed=number(body, "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True), stop_tokens=(self.tok.eot_token,), stop=stop)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,12 +346,134 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def build_app(service, decode):
-    from fastapi import FastAPI, Request as HTTPRequest
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+# ---------------------------------------------------------------------------------------------------------------
+# the HTTP side: handlers read the Service and the DecodeLoop from app.state
 
+def error_response(e):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def on_api_error(request, e):
+    return error_response(e)
+
+
+async def on_http_error(request, e):  # unknown paths (404), wrong methods (405)
+    msg = {404: f"Unknown path {request.url.path}: see GET /v1/models, POST /v1/chat/completions, "
+                f"POST /v1/completions, GET /health", 405: f"Method {request.method} not allowed on {request.url.path}"}
+    return error_response(APIError(e.status_code, msg.get(e.status_code, str(e.detail))))
+
+
+async def on_validation_error(request, e):
+    return error_response(bad(f"invalid request: {str(e)[:200]}"))
+
+
+async def on_crash(request, e):
+    traceback.print_exception(e)
+    return error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+
+
+async def page(request: HTTPRequest):
+    name = request.app.state.service.name
+    with open(PAGE, encoding="utf-8") as f:
+        text = f.read()
+    # the name is a folder name, but any text must stay text: JSON in the script (with "</" escaped), HTML elsewhere
+    return HTMLResponse(text.replace("__MODEL_JSON__", json.dumps(name).replace("</", "<\\/")).replace(
+        "__MODEL_NAME__", html.escape(name)))
+
+
+async def health(request: HTTPRequest):
+    service, decode = request.app.state.service, request.app.state.decode
+    return {"status": "ok", "model": service.name, "running": len(decode.engine.rows),
+            "waiting": len(decode.engine.pending) + decode.inbox.qsize()}
+
+
+async def models(request: HTTPRequest):
+    service = request.app.state.service
+    service.check_key(request)
+    return {"object": "list", "data": [service.card()]}
+
+
+async def one_model(name: str, request: HTTPRequest):
+    service = request.app.state.service
+    service.check_key(request)
+    service.check_model({"model": name})
+    return service.card()
+
+
+async def chat_completions(request: HTTPRequest):
+    return await complete(request, chat=True)
+
+
+async def completions(request: HTTPRequest):
+    return await complete(request, chat=False)
+
+
+async def complete(request, chat):
+    """Check the request, hand it to the decode thread, then stream or collect what comes back."""
+    service, decode = request.app.state.service, request.app.state.decode
+    service.check_key(request)
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({getattr(e, 'msg', e)} at line "
+                  f"{getattr(e, 'lineno', 1)} column {getattr(e, 'colno', 1)})", code="invalid_json") from None
+    req = service.request(body, chat)
+    stream = flag(body, "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = flag(opts, "include_usage")
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = envelope(chat, rid, int(time.time()), service.name, chunk=stream)
+    sink = Sink()
+    decode.submit(req, sink.deliver)
+    if stream:
+        return StreamingResponse(stream_events(req, sink, chat, head, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await whole_reply(request, req, sink, chat, head)
+
+
+async def whole_reply(request, req, sink, chat, head):
+    text = []
+    try:
+        while True:
+            for piece, finish, error in await sink.take(timeout=0.5):
+                if error:
+                    raise APIError(503 if "shutting down" in error else 500, error, type="server_error")
+                text.append(piece)
+                if finish:
+                    return {**head, "choices": [choice(chat, "".join(text), finish)], "usage": usage(req)}
+            if await request.is_disconnected():  # nobody waits for this reply any more
+                return JSONResponse({}, status_code=499)
+    finally:
+        req.cancel()  # frees the row at the engine's next step; a no-op once finished
+
+
+async def stream_events(req, sink, chat, head, include_usage):
+    # a client that goes away cancels this generator (Starlette watches for the disconnect): `finally` frees the
+    # row at the engine's next step
+    try:
+        if chat:
+            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        while True:
+            for piece, finish, error in await sink.take():
+                if error:
+                    yield sse(APIError(500, error, type="server_error").body())
+                    return
+                if piece or finish:
+                    yield sse({**head, "choices": [choice(chat, piece, finish, delta=True)]})
+                if finish:
+                    if include_usage:
+                        yield sse({**head, "choices": [], "usage": usage(req)})
+                    yield "data: [DONE]\n\n"
+                    return
+    finally:
+        req.cancel()
+
+
+def build_app(service, decode):
     @asynccontextmanager
     async def lifespan(app):
         decode.start()
@@ -350,126 +482,16 @@ def build_app(service, decode):
         decode.thread.join(timeout=10)
 
     app = FastAPI(title="gptlab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    def error_response(e):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(APIError)
-    async def on_api_error(request, e):
-        return error_response(e)
-
-    @app.exception_handler(HTTPException)
-    async def on_http_error(request, e):  # unknown paths (404), wrong methods (405)
-        msg = {404: f"Unknown path {request.url.path}: see GET /v1/models, POST /v1/chat/completions, "
-                    f"POST /v1/completions, GET /health", 405: f"Method {request.method} not allowed on {request.url.path}"}
-        return error_response(APIError(e.status_code, msg.get(e.status_code, str(e.detail)), code=None))
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request, e):
-        return error_response(bad(f"invalid request: {str(e)[:200]}"))
-
-    @app.exception_handler(Exception)
-    async def on_crash(request, e):
-        traceback.print_exception(e)
-        return error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        with open(PAGE, encoding="utf-8") as f:
-            page = f.read()
-        # </ cannot end the script early once escaped: the name is a folder name, but any text must stay text
-        return page.replace("__MODEL_JSON__", json.dumps(service.name).replace("</", "<\\/")).replace(
-            "__MODEL_NAME__", html.escape(service.name))
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": service.name, "running": len(decode.engine.rows),
-                "waiting": len(decode.engine.pending) + decode.inbox.qsize()}
-
-    def model_card():
-        return {"id": service.name, "object": "model", "created": service.created, "owned_by": "gptlab",
-                "chat": service.is_chat, "context_length": service.block_size}
-
-    @app.get("/v1/models")
-    async def models(request: HTTPRequest):
-        service.check_key(request)
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name}")
-    async def one_model(name: str, request: HTTPRequest):
-        service.check_key(request)
-        service.check_model({"model": name})
-        return model_card()
-
-    async def complete(request, chat):
-        service.check_key(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"the request body is not valid JSON ({getattr(e, 'msg', e)} at line "
-                      f"{getattr(e, 'lineno', 1)} column {getattr(e, 'colno', 1)})", code="invalid_json") from None
-        req = service.request(body, chat)
-        stream = flag(body, "stream")
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
-        include_usage = flag(opts, "include_usage")
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = envelope(chat, rid, int(time.time()), service.name, chunk=stream)
-        sink = Sink()
-        decode.submit(req, sink.deliver)
-        if stream:
-            return StreamingResponse(stream_events(req, sink, chat, head, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await whole_reply(request, req, sink, chat, head)
-
-    async def whole_reply(request, req, sink, chat, head):
-        text = []
-        try:
-            while True:
-                for piece, finish, error in await sink.take(timeout=0.5):
-                    if error:
-                        raise APIError(503 if "shutting down" in error else 500, error, type="server_error")
-                    text.append(piece)
-                    if finish:
-                        return {**head, "choices": [choice(chat, "".join(text), finish)], "usage": usage(req)}
-                if await request.is_disconnected():  # nobody waits for this reply: free its row now
-                    req.cancel()
-                    return JSONResponse({}, status_code=499)
-        finally:
-            req.cancel()  # a no-op once finished
-
-    async def stream_events(req, sink, chat, head, include_usage):
-        # a client that goes away cancels this generator (Starlette watches for the disconnect): `finally` frees
-        # the row at the engine's next step
-        try:
-            if chat:
-                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-            while True:
-                for piece, finish, error in await sink.take():
-                    if error:
-                        yield sse(APIError(500, error, type="server_error").body())
-                        return
-                    if piece or finish:
-                        yield sse({**head, "choices": [choice(chat, piece, finish, delta=True)]})
-                    if finish:
-                        if include_usage:
-                            yield sse({**head, "choices": [], "usage": usage(req)})
-                        yield "data: [DONE]\n\n"
-                        return
-        finally:
-            req.cancel()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HTTPRequest):
-        return await complete(request, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest):
-        return await complete(request, chat=False)
-
+    app.state.service, app.state.decode = service, decode
+    for exc, handler in ((APIError, on_api_error), (HTTPException, on_http_error),
+                         (RequestValidationError, on_validation_error), (Exception, on_crash)):
+        app.add_exception_handler(exc, handler)
+    app.add_api_route("/", page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{name}", one_model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
     return app
 
 
@@ -501,7 +523,6 @@ def main(argv=None):
     except (CheckpointError, ValueError, RuntimeError, FileNotFoundError, OSError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
-    import uvicorn
     if device_type == "cpu":
         keep_freed_memory()  # as sample.py does
     engine = Engine(model, tok, args.max_batch_size, autocast=lambda: autocast_context(device_type, dtype))

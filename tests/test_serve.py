@@ -250,6 +250,7 @@ def test_every_bad_input_is_a_4xx_in_openai_shape_and_the_server_keeps_serving(c
         ({"messages": msgs, "stream": "yes"}, None, 400, "stream", []),
         ({"messages": msgs, "stop": 5}, None, 400, "stop", []),
         ({"messages": msgs, "seed": 1.5}, None, 400, "seed", []),
+        ({"messages": msgs, "seed": 2 ** 70}, None, 400, "seed", []),
         ({"messages": msgs, "n": 2}, None, 400, "n", []),
         ({"messages": [{"role": "user", "content": "Hi\u65e5"}]}, None, 400, "messages", ["\u65e5"]),
         ({"messages": [{"role": "user", "content": "a" * 200}]}, None, 400, "messages", ["128", "225"]),
