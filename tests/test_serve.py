@@ -113,8 +113,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, sample_chat):
-    """A tiny char-level chat model (masked SFT on the shipped sample conversations): its out_dir."""
-    return trained(tmp_path_factory, sample_chat, "chat", 120, use_loss_mask=True)
+    """A tiny char-level chat model (masked SFT on the shipped sample conversations) trained with BOS zero, so
+    every reply below also checks that the server scales position 0 as sample.py does: its out_dir."""
+    return trained(tmp_path_factory, sample_chat, "chat", 120, use_loss_mask=True, use_bos_zero_training=True,
+                   bos_scaling_factor=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +296,20 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(text_server):
     while health(text_server)["running"] and time.time() - t < 5:
         time.sleep(0.02)
     assert health(text_server)["running"] == 0 and health(text_server)["waiting"] == 0
+    # the same for a client that gives up waiting for a whole (not streamed) reply
+    u = urllib.parse.urlparse(text_server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": False}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    t = time.time()
+    while not health(text_server)["running"] and time.time() - t < 5:
+        time.sleep(0.02)
+    assert health(text_server)["running"] == 1
+    conn.close()
+    t = time.time()
+    while health(text_server)["running"] and time.time() - t < 5:
+        time.sleep(0.02)
+    assert health(text_server)["running"] == 0
     c = text_server.client(KEY)
     assert len(c.completions.create(model="text", prompt="ROMEO:", max_tokens=5, temperature=0).choices[0].text) == 5
 
