@@ -34,7 +34,7 @@ import torch
 from model import KVCache, sample_next
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity, never field by field
 class Request:
     ids: list  # prompt token ids, BOS first; shorter than the model's block_size
     max_tokens: int  # at most this many new tokens (stop tokens included), then finish_reason "length"
@@ -48,8 +48,9 @@ class Request:
     # set by the engine
     tokens: list = field(default_factory=list)  # new tokens so far (a stop token included)
     text: str = ""  # the text handed out so far
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
     cancelled: bool = False
+    deliver: object = None  # serve.py: where this request's events go (called on the decode thread)
 
     def cancel(self):
         """Free this request's row at the engine's next step (any thread may call it: a plain flag)."""

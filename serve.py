@@ -44,7 +44,8 @@ from tokenizer import TURN_STOPS, chat_prompt
 from train import autocast_context, keep_freed_memory, pick_dtype
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}  # OpenAI role -> template role
+# OpenAI's roles -> the chat template's ("developer" is OpenAI's newer name for the system prompt)
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def parse_args(argv=None):
@@ -119,7 +120,8 @@ class DecodeLoop:
             except Exception as e:  # noqa: BLE001 -- report it to the requests in the batch, keep serving
                 traceback.print_exc()
                 for req in self.engine.clear():
-                    self._tell(req, "", "error", f"generation failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    why = str(e).splitlines()[0][:200] if str(e) else ""
+                    self._tell(req, "", "error", f"generation failed: {type(e).__name__}: {why}")
                 continue
             for req, text, finish in events:
                 self._tell(req, text, finish)
@@ -235,7 +237,8 @@ def message_text(m, i):
 def chat_turns(body):
     msgs = body.get("messages")
     if msgs is None:
-        raise bad("'messages' is required: a list of {\"role\", \"content\"} objects", "messages", "missing_required_parameter")
+        raise bad("'messages' is required: a list of {\"role\", \"content\"} objects", "messages",
+                  "missing_required_parameter")
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages", "invalid_type")
     turns = []
@@ -318,7 +321,8 @@ class Service:
         return Request(ids, limit or default_limit, temperature=number(body, "temperature", 1.0, 0, 2),
                        top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
                        top_k=number(body, "top_k", None, 0, integer=True) or None,
-                       seed=number(body, "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True), stop_tokens=(self.tok.eot_token,), stop=stop)
+                       seed=number(body, "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True),
+                       stop_tokens=(self.tok.eot_token,), stop=stop)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,7 +502,7 @@ def build_app(service, decode):
 # ---------------------------------------------------------------------------------------------------------------
 
 def load(args):
-    """(name, model, tokenizer, checkpoint, its time, device, dtype) as sample.py loads them; one-line errors."""
+    """(name, model, tokenizer, checkpoint, device, device type, dtype), loaded as sample.py loads them."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     name = args.model_name or latest_model_name(args.out_dir)
     if name is None:
@@ -508,9 +512,12 @@ def load(args):
         raise ValueError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
-    model, tok, ckpt = load_model(name, args.out_dir, device, prefer="best.pt" if args.checkpoint == "best" else "ckpt.pt")
+    prefer = "best.pt" if args.checkpoint == "best" else "ckpt.pt"
+    model, tok, ckpt = load_model(name, args.out_dir, device, prefer=prefer)
     device_type = "cuda" if device.startswith("cuda") else device
-    return os.path.basename(os.path.normpath(name)), model, tok, ckpt, device, device_type, pick_dtype(args, device_type)
+    folder = os.path.dirname(name) if name.endswith(".pt") else name
+    name = os.path.basename(os.path.normpath(folder)) or name  # a folder or .pt path: the model is its folder
+    return name, model, tok, ckpt, device, device_type, pick_dtype(args, device_type)
 
 
 def main(argv=None):

@@ -330,9 +330,18 @@ def test_200_requests_from_16_concurrent_clients(chat_server, alone):
     assert not wrong, f"{len(wrong)} of 200 wrong, e.g. {wrong[:3]} ({time.time() - t:.1f} s)"
 
 
+def test_bad_command_lines_are_one_line_errors(chat_model, tmp_path):
+    for args, words in ((["--model_name", "nope"], "no checkpoint for model 'nope'"),
+                        (["--model_name", "chat", "--max_batch_size", "0"], "--max_batch_size must be >= 1")):
+        r = run_cli("serve.py", "--out_dir", chat_model, *args, env=ONE_THREAD, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and words in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_sigint_and_sigterm_shut_down_cleanly(chat_server, text_server):
     # a stream is open on the text server when it is told to stop: it ends, and so does the server, with status 0
-    conn, resp = open_stream(text_server, "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 100000, "stream": True}, KEY)
+    body = {"prompt": "ROMEO:", "max_tokens": 100000, "stream": True}
+    conn, resp = open_stream(text_server, "/v1/completions", body, KEY)
     resp.readline()
     assert text_server.stop(signal.SIGTERM) == 0
     assert b"shutting down" in resp.read()
@@ -388,7 +397,8 @@ def test_the_chat_page_in_headless_chromium(tmp_path_factory, chat_model):
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant:not(.pending)")) == k)
         users = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.user")]
         replies = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")]
-        assert users == PROMPTS[:2] and all(r.strip() for r in replies) and not driver.find_elements(By.CSS_SELECTOR, ".error")
+        assert users == PROMPTS[:2] and all(r.strip() for r in replies)
+        assert not driver.find_elements(By.CSS_SELECTOR, ".error")
         # what the API answers for the same conversation: the second reply had the first exchange as history
         c = server.client()
         msgs = [{"role": "user", "content": PROMPTS[0]}]
