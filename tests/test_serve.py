@@ -194,6 +194,16 @@ def test_the_same_greedy_reply_as_sample_py(chat_server, alone):
         assert r.stdout.strip() == alone[p].strip()
 
 
+def test_sample_py_num_samples_decodes_one_batch_with_a_seed_per_sample(chat_server):
+    r = run_cli("sample.py", "--out_dir", chat_server.out_dir, "--model_name", "chat", "--prompt", PROMPTS[2],
+                "--num_samples", "3", "--temperature", "1.5", "--seed", "5", "--dtype", "float32",
+                "--max_new_tokens", "30", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rule = "-" * 40
+    samples = r.stdout.split(rule + "\n")
+    assert len(samples) == 4 and samples[-1] == "" and len(set(samples[:3])) == 3, r.stdout  # seeds 5, 6, 7
+
+
 def test_completions_stream_and_whole(text_server):
     c = text_server.client(KEY)
     kw = dict(model="text", prompt="ROMEO:", temperature=0, max_tokens=30)
