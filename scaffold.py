@@ -74,7 +74,7 @@ class ScaffoldConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
-    lora_target: list = field(default_factory=lambda: ["c_attn", "attn.c_proj", "c_fc"])  # lora.TARGETS names or "all"
+    lora_target: list = field(default_factory=lambda: ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])  # every Linear of a block (as "all"); lora.TARGETS names
     # --- optimisation: AdamW, linear warmup then linear decay to 0 ---
     num_epochs: int = 3
     batch_size: int = 16

@@ -214,7 +214,7 @@ def build_fresh(cfg, tok, log):
         ckpt = load_checkpoint(find_checkpoint(cfg.init_from_model, cfg.out_dir))
         model = build_model(ckpt, cfg.out_dir)
         lora.remove_lora(model)  # a LoRA base is merged: the new run starts from its effective weights
-        if Tokenizer.from_state(ckpt["tokenizer"]).state_dict() != tok.state_dict():
+        if Tokenizer.from_state(ckpt["tokenizer"]).ids_key() != tok.ids_key():
             raise TrainError(f"model '{cfg.init_from_model}' was trained with another tokenizer than the dataset "
                              f"{cfg.dataset_dir or SAMPLE_DATASET}: prepare the data with the base model's tokenizer")
         base = {"kind": "model", "name": cfg.init_from_model}
@@ -343,7 +343,7 @@ class MetricsLog:
         if tr:
             ax.plot(*zip(*tr), label="train (per step)", alpha=0.5, lw=0.8)
         for key, label in (("train_loss", "train (eval)"), ("val_loss", "val")):
-            pts = [(r["iter"], r[key]) for r in rows if key in r]
+            pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=label)
         ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
@@ -433,8 +433,7 @@ def _train(cfg, log):
             if key in old and old[key] != getattr(cfg, key):
                 raise TrainError(f"{ckpt_path}: resuming with a different setting: '{key}' is {getattr(cfg, key)!r} now "
                                  f"but {old[key]!r} in the checkpoint; use the config the run started with")
-        trained_with = {k: v for k, v in ckpt["tokenizer"].items() if k != "hf_dir"}  # the ids matter, not a path
-        if trained_with != {k: v for k, v in tok.state_dict().items() if k != "hf_dir"}:
+        if Tokenizer.from_state(ckpt["tokenizer"]).ids_key() != tok.ids_key():  # the ids matter, not a path
             raise TrainError(f"{ckpt_path}: the run was trained with another tokenizer than the dataset {dataset_dir} "
                              f"uses ({tok.kind}): resume with the dataset_dir the run started with")
         model = build_model(ckpt, cfg.out_dir)  # out_dir: a LoRA base named by model name lives there
@@ -473,6 +472,10 @@ def _train(cfg, log):
                        prepend_bos=cfg.use_bos_zero_training, bos_token=tok.eot_token,
                        model_vocab_size=model.config.vocab_size)
     train_loader = BatchLoader(dataset_dir, "train", seed=cfg.seed, rank=rank, **loader_args)
+    if cfg.use_loss_mask and train_loader.data.mask_tokens == 0:
+        raise DataError(f"{dataset_dir}: the train split's loss masks hold no 1 (mask_fraction "
+                        f"{meta.get('mask_fraction', 0.0):.3f}): there is no target to train on; prepare it again with the "
+                        f"role you want to train (--mask_role, e.g. assistant), or set use_loss_mask false")
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     steps_per_epoch = max(1, math.ceil(train_loader.data.num_tokens / tokens_per_step))
     log(f"data: {dataset_dir} ({meta.get('tokenization')}, train {train_loader.data.num_tokens:,} tokens); "
@@ -569,9 +572,22 @@ def _train(cfg, log):
                 total += torch.stack([loss_sum.float(), count.float().to(device)])
             if ddp:
                 dist.all_reduce(total)
-            out[split] = (total[0] / total[1].clamp(min=1)).item()
+            # no target in any batch (masks all 0): no loss to report; None, never a 0.0 that would count as best
+            out[split] = (total[0] / total[1]).item() if total[1] > 0 else None
         raw_model.train()
         return out
+
+    @torch.no_grad()
+    def sample_text():
+        """A short sample from the model as it is now: 64 tokens after BOS, temperature 0.8, top_k 200, drawn
+        with a generator of its own so the run's random state (dropout, windows) is untouched. Every rank runs it
+        (FSDP's forward is collective); rank 0 logs it."""
+        raw_model.eval()
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        out = raw_model.generate(torch.tensor([[tok.eot_token]], device=device), 64, temperature=0.8, top_k=200,
+                                 generator=gen)
+        raw_model.train()
+        return tok.decode(out[0, 1:].tolist())
 
     # --- the loop ---
     model.train()
@@ -594,17 +610,23 @@ def _train(cfg, log):
             t_eval = time.time()
             losses = evaluate()
             last_losses = losses
-            log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            shown = {k: f"{v:.4f}" if v is not None else "n/a (no target token in its batches)" for k, v in losses.items()}
+            log(f"step {iter_num}: train loss {shown['train']}, val loss {shown['val']}")
             metrics.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
             metrics.plot()
-            is_best = losses["val"] < best_val
-            best_val = min(best_val, losses["val"])
+            is_best = losses["val"] is not None and losses["val"] < best_val
+            best_val = min(best_val, losses["val"]) if is_best else best_val
             save(best=is_best)
             saved = True
             t0 += time.time() - t_eval  # keep evaluation and saving out of the tokens/s figure
         elif cfg.checkpoint_interval and iter_num % cfg.checkpoint_interval == 0 and iter_num > start_iter:
             save()
             saved = True
+        if cfg.sample_interval and iter_num % cfg.sample_interval == 0 and iter_num > start_iter or (
+                iter_num >= cfg.max_iters and not stop_signal):
+            text = sample_text()
+            log(f"sample at iteration {iter_num}: {text!r}")
+            metrics.write(iter=iter_num, sample=text)
         if iter_num >= cfg.max_iters or stop_signal:
             if stop_signal:
                 if not saved:

@@ -12,7 +12,7 @@ import lora
 import prepare_dataset
 from checkpoint import load_checkpoint, load_model
 from config import ConfigError, load_config
-from conftest import SAMPLE_CHAT, SHAKESPEARE
+from conftest import SAMPLE_CHAT, SHAKESPEARE, make_hf_gpt2
 from model import GPT, GPTConfig
 from train import TrainError, apply_finetuning, get_lr, train
 
@@ -185,7 +185,6 @@ def test_too_many_layers_for_a_base_model_is_a_clear_error(tmp_path, sample_chat
 def test_the_presets_run(tmp_path, sample_chat):
     """configs/{tiny,gpt2}_{xgblora,mezo}_sft.json, shortened: the tiny ones from a tiny base, the gpt2 ones from a
     random tiny Hugging Face GPT-2 directory with gpt2-tokenized chat data."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     out = str(tmp_path / "ckpt")
     short = {"max_iters": 4, "lr_decay_iters": 4, "eval_interval": 4, "eval_iters": 1, "batch_size": 2,
              "log_interval": 1, "out_dir": out}
@@ -196,10 +195,7 @@ def test_the_presets_run(tmp_path, sample_chat):
         assert train(cfg, log=lambda *a: None)["iter_num"] == 4
     assert load_checkpoint(f"{out}/chat_tiny_xgblora_merged/ckpt.pt")["lora"] is None  # merge_lora: a plain model
 
-    torch.manual_seed(0)
-    hf_dir = tmp_path / "hf_gpt2"
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2))
-    hf.save_pretrained(hf_dir)
+    hf_dir = make_hf_gpt2(tmp_path / "hf_gpt2", vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2)
     subset = tmp_path / "chat.jsonl"
     with open(SAMPLE_CHAT) as f:
         subset.write_text("".join(f.readlines()[:200]))
