@@ -7,7 +7,7 @@ And does loss masking help? (docs/chat_sft_experiment.md)
     python -m experiments.chat_sft --context_chars 256   # the same conversations, each behind a passage of prose
 
 --context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice, Project
-Gutenberg #1342, from --context_file; by default from ../shared/corpora, a folder of text corpora beside the
+Gutenberg eBook 1342, from --context_file; by default from ../shared/corpora, a folder of text corpora beside the
 project) in front of every conversation, the way a retrieved document or a long system prompt sits in front of
 real chats. The answers do not depend on it, so it is the prompt-heavy case: most tokens are prompt, and the
 unmasked run spends most of its training signal modelling them. Train and val conversations draw their passages from
