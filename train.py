@@ -12,7 +12,6 @@ one process or many under torchrun (DDP, FSDP).
 Every key of config.TrainConfig can be set in the JSON preset and overridden as --key value.
 """
 
-import ctypes
 import gc
 import json
 import math
@@ -21,7 +20,6 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -32,7 +30,10 @@ import mezo
 from checkpoint import CheckpointError, atomic_save, build_model, find_checkpoint, load_checkpoint, model_dir
 from config import ConfigError, config_dict, load_config, parse_cli
 from data import BatchLoader, DataError, read_metadata
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, padded_vocab
+from runtime import (MetricsLog, autocast_context, forward_backward, fmt_time, full_model_state, get_lr,
+                     keep_freed_memory, load_optimizer_state, optimizer_state, pick_dtype, setup_distributed,
+                     shard_model)
 from tokenizer import Tokenizer
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_chat")
@@ -151,7 +152,7 @@ def train(cfg, log=print):
 
 
 def _train(cfg, log):
-    ddp, rank, world, device = setup_distributed(cfg)
+    ddp, rank, world, device = setup_distributed(cfg.device, cfg.backend)
     master = rank == 0
     log = log if master else (lambda *a, **k: None)
     device_type = "cuda" if device.startswith("cuda") else device
@@ -169,7 +170,7 @@ def _train(cfg, log):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere+ at no visible loss cost
         torch.backends.cudnn.allow_tf32 = True
-    dtype = pick_dtype(cfg, device_type)
+    dtype = pick_dtype(cfg.dtype, device_type)
     ctx = autocast_context(device_type, dtype)
     if cfg.finetuning_type != "full":  # before any model is loaded (a GPT-2 base takes a while)
         try:
@@ -363,7 +364,7 @@ def _train(cfg, log):
     last_losses = {}
     last_train_loss = None
     while True:
-        lr = get_lr(iter_num, cfg)
+        lr = get_lr(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.decay_lr)
         if optimizer is not None:
             for g in optimizer.param_groups:
                 g["lr"] = lr

@@ -14,7 +14,8 @@ from checkpoint import load_checkpoint, load_model
 from config import ConfigError, load_config
 from conftest import SAMPLE_CHAT, SHAKESPEARE, make_hf_gpt2
 from model import GPT, GPTConfig
-from train import TrainError, apply_finetuning, get_lr, train
+from runtime import get_lr
+from train import TrainError, apply_finetuning, train
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
              warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, finetuning_type="xgblora")
@@ -95,7 +96,7 @@ def test_merges_every_n_steps_reset_the_optimizer_and_keep_the_schedule(tmp_path
     assert all(torch.count_nonzero(v) == 0 for k, v in ck["model"].items() if ".lora_B" in k)
     cfg = load_config(None, {**SMALL, "max_iters": 9})
     lrs = [r["lr"] for r in metrics(tmp_path, "steps") if "lr" in r]
-    assert lrs == [get_lr(i, cfg) for i in range(9)]  # one warmup + cosine across the merges, never restarted
+    assert lrs == [get_lr(i, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters) for i in range(9)]  # one warmup + cosine across the merges, never restarted
     # with an explicit lora_rank other than 1: a warning, rank 1 anyway
     summary, lines = run(tmp_path, sample_chat, model_name="rank4", lora_rank=4, xgblora_steps_per_iteration=2,
                          max_iters=5, eval_interval=5)
