@@ -106,13 +106,13 @@ METHODS = {
 }
 
 
-def apply_finetuning(model, cfg, merges=0):
+def apply_finetuning(model, cfg, merge_count=0):
     """Put the configured method on the model (adapters placed, the rest frozen). Returns the lora kwargs (None
     for a full fine-tune)."""
     method = METHODS[cfg.finetuning_type]
     if method.refuse:
         method.refuse(cfg, model, fsdp=False)
-    return method.place(model, cfg, merges)
+    return method.place(model, cfg, merge_count)
 
 
 def backprop_step(run, lr):
