@@ -3,6 +3,8 @@ Hugging Face GPT-2 <-> this project's GPT.
 
     python convert_hf.py --hf_dir path/to/gpt2 --model_name gpt2        # -> checkpoints/gpt2/ckpt.pt
     python convert_hf.py --model_name my_model --export_dir out/my_hf   # -> a dir GPT2LMHeadModel loads
+    python convert_hf.py --model_name my_lora --export_adapter_dir out/my_lora_peft     # -> a peft LoRA adapter
+    python convert_hf.py --hf_dir path/to/gpt2 --adapter_dir peft_dir --model_name run  # peft adapter -> LoRA run
 
 The two models compute the same function; only the storage differs:
 - HF's attention and MLP layers are Conv1D, whose weight is (in, out); ours are nn.Linear, (out, in). Every
@@ -32,6 +34,7 @@ from dataclasses import asdict
 
 import torch
 
+import hf_adapters
 import lora
 from model import GPT, GPTConfig
 from tokenizer import EOT_TEXT, Tokenizer, bytes_to_unicode
@@ -363,16 +366,17 @@ def write_gpt2_tokenizer_files(tokenizer, out_dir):
                    "unk_token": EOT_TEXT, "add_prefix_space": False}, f, indent=2)
 
 
-def _replace_dir(tmp, out_dir):
+def _replace_dir(tmp, out_dir, marker="config.json", flag="--export_dir"):
     """Move the finished tmp dir to out_dir. A directory cannot be renamed over a non-empty one, so an old export
-    is first moved aside, then deleted. Anything at out_dir that is not an old export is left alone (refused)."""
+    is first moved aside, then deleted. Anything at out_dir that is not an old export (holding `marker`) is left
+    alone (refused)."""
     old = None
     if os.path.isfile(out_dir):
-        raise FileExistsError(f"{out_dir}: is a file; --export_dir must be a directory (new, or a previous export)")
+        raise FileExistsError(f"{out_dir}: is a file; {flag} must be a directory (new, or a previous export)")
     if os.path.exists(out_dir):
-        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "config.json")):
-            raise FileExistsError(f"{out_dir}: exists and is not a previous export (no config.json): choose another "
-                                  f"--export_dir or remove it")
+        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, marker)):
+            raise FileExistsError(f"{out_dir}: exists and is not a previous export (no {marker}): choose another "
+                                  f"{flag} or remove it")
         old = f"{out_dir}.old.{os.getpid()}"
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
@@ -380,11 +384,12 @@ def _replace_dir(tmp, out_dir):
         shutil.rmtree(old)
 
 
-def export_hf(model, tokenizer, out_dir, vocab_size=None):
+def export_hf(model, tokenizer, out_dir, vocab_size=None, chat=False):
     """Write `model` as a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files) that
     GPT2LMHeadModel.from_pretrained loads. LoRA adapters are merged into a copy (the caller's model is untouched).
     vocab_size: rows of wte to keep; default the tokenizer's vocab size (50257 for gpt2), cutting our padding,
-    or every row when the model has fewer rows than the tokenizer has ids."""
+    or every row when the model has fewer rows than the tokenizer has ids. chat: a chat model, which also gets
+    the chat template and a generation config that stops at the end of a turn (write_chat_files)."""
     from safetensors.torch import save_file
 
     if model.config.use_bos_zero_training and model.config.bos_scaling_factor != 1.0:
@@ -406,11 +411,156 @@ def export_hf(model, tokenizer, out_dir, vocab_size=None):
             json.dump(hf_config(model, vocab_size, tokenizer), f, indent=2)
         if tokenizer.kind == "gpt2":
             write_gpt2_tokenizer_files(tokenizer, tmp)
+        if chat:
+            write_chat_files(tokenizer, tmp)
         tokenizer.save(os.path.join(tmp, "tokenizer_state.json"))  # the project's own view (keeps char vocabs)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat files, and peft LoRA adapters in and out (the mapping itself is in hf_adapters.py)
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_chat_files(tokenizer, out_dir):
+    """A chat model's extras in an export being written: the chat template in tokenizer_config.json (gpt2
+    tokenizers, which have HF tokenizer files) and generation_config.json, whose eos ends an assistant turn."""
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+        config["chat_template"] = hf_adapters.chat_template()
+        _write_json(config, config_path)
+    _write_json(hf_adapters.generation_config(tokenizer), os.path.join(out_dir, "generation_config.json"))
+
+
+def adapter_base(ckpt, path, model_name):
+    """The Hugging Face GPT-2 a LoRA run's adapters sit on (its path or hub id), or a one-line refusal that says
+    what to export instead."""
+    whole = f"export the whole model with --model_name {model_name} --export_dir DIR instead"
+    if (ckpt.get("config") or {}).get("finetuning_type") == "xgblora":
+        raise ValueError(f"{path}: '{model_name}' is an XGBLoRA run: its boosters were merged into the weights as it "
+                         f"trained, so no adapter on its base reproduces it; {whole}")
+    if not ckpt.get("lora"):
+        raise ValueError(f"{path}: '{model_name}' is not a LoRA run (it holds no adapters); {whole}")
+    base = ckpt.get("base") or {}
+    if base.get("kind") != "hf":
+        on = f"project model '{base['name']}'" if base.get("kind") == "model" else "a model trained from scratch"
+        raise ValueError(f"{path}: the adapters of '{model_name}' sit on {on}, not on a Hugging Face GPT-2 directory, "
+                         f"so peft has no base to put them on; {whole}")
+    where = base["path"]
+    if os.path.isdir(where):
+        read_hf_config(where)  # still a GPT-2 directory (raises a one-line error if not)
+    elif os.path.exists(where) or not HUB_ID.match(where):
+        raise ValueError(f"{path}: the run's base {where} is not a Hugging Face GPT-2 directory any more (moved or "
+                         f"deleted); {whole}")
+    if ckpt["model_args"].get("use_bos_zero_training") and ckpt["model_args"].get("bos_scaling_factor") != 1.0:
+        raise ValueError(f"{path}: '{model_name}' uses use_bos_zero_training, which a peft adapter on a Hugging Face "
+                         f"GPT-2 cannot express (its logits would differ)")
+    return where
+
+
+def export_adapter(model_name, adapter_dir, out_dir="checkpoints"):
+    """A LoRA run on a Hugging Face GPT-2 -> adapter_dir with adapter_config.json + adapter_model.safetensors,
+    which PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter_dir) loads."""
+    import checkpoint  # here, not at the top: checkpoint.py imports this module
+    from safetensors.torch import save_file
+
+    path = checkpoint.find_checkpoint(model_name, out_dir)
+    ckpt = checkpoint.load_checkpoint(path)
+    base = adapter_base(ckpt, path, model_name)
+    state, ranks = hf_adapters.lora_to_peft(ckpt["model"], ckpt["lora"], ckpt["model_args"]["n_layer"])
+    config = hf_adapters.peft_adapter_config(ckpt["lora"], ranks, base)
+    tmp = f"{adapter_dir.rstrip(os.sep)}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _write_json(config, os.path.join(tmp, ADAPTER_CONFIG))
+        _replace_dir(tmp, adapter_dir, marker=ADAPTER_CONFIG, flag="--export_adapter_dir")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return config
+
+
+def read_peft_adapter(adapter_dir):
+    """A peft adapter directory -> (adapter_config dict, tensors), with one-line errors."""
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"{adapter_dir}: no such directory (expected a peft adapter directory with "
+                                f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path}: not found; --adapter_dir must be a peft adapter directory "
+                                f"(PeftModel.save_pretrained writes {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: holds a {type(config).__name__}, expected a JSON object")
+    hf_adapters.check_peft_config(config, config_path)  # before the weights: name the setting, not a tensor
+    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.exists(weights) and os.path.exists(os.path.join(adapter_dir, "adapter_model.bin")):
+        weights = os.path.join(adapter_dir, "adapter_model.bin")  # older peft
+    return config, _load_weights_file(weights), weights
+
+
+def _is_chat(*dirs):
+    """True when a tokenizer_config.json in one of dirs carries the project's own chat template."""
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "tokenizer_config.json")) as f:
+                if json.load(f).get("chat_template") == hf_adapters.chat_template():
+                    return True
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+    return False
+
+
+def import_adapter(hf_dir, adapter_dir, model_name, out_dir="checkpoints", overwrite=False):
+    """A peft LoRA adapter for the GPT-2 in hf_dir -> <out_dir>/<model_name>/ckpt.pt, a LoRA run on that base
+    (adapters only, the base named), as train.py writes one: sample.py, evaluate.py and train.py --init_from
+    resume take it."""
+    import checkpoint  # here, not at the top: checkpoint.py imports this module
+    from config import TrainConfig, config_dict
+
+    path = os.path.join(checkpoint.model_dir(out_dir, model_name), "ckpt.pt")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass --overwrite to replace it or choose another --model_name")
+    config, state, where = read_peft_adapter(adapter_dir)
+    model, tok = load_hf_gpt2(hf_dir)
+    c = model.config
+    kwargs, adapters = hf_adapters.peft_to_lora(config, state, c.n_layer, c.n_embd, where)
+    lora.apply_lora(model, **kwargs)
+    missing, unexpected = model.load_state_dict(adapters, strict=False)
+    missing = [k for k in missing if lora._is_lora_key(k)]
+    if missing or unexpected:  # peft_to_lora checked every name: this would be a bug here, not bad input
+        raise RuntimeError(f"{where}: adapters did not load: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    resolved = resolve_hf_dir(hf_dir)
+    base = {"kind": "hf", "path": os.path.abspath(hf_dir) if os.path.isdir(hf_dir) else hf_dir}
+    # the config holds only what the adapters fix: train.py --init_from resume checks the keys a config holds and
+    # takes the rest (block_size, learning rate, ...) from the resuming run's own settings
+    lora_keys = dict(finetuning_type="lora", lora_rank=kwargs["rank"], lora_alpha=kwargs["alpha"],
+                     lora_dropout=kwargs["dropout"], lora_target=kwargs["targets"])
+    config = config_dict(TrainConfig(model_name=model_name, out_dir=out_dir, init_from=base["path"], **lora_keys))
+    config = {k: config[k] for k in ("model_name", "out_dir", "init_from", *lora_keys)}
+    ckpt = {"model": adapters, "model_args": dict(vars(c)), "config": config, "tokenizer": tok.state_dict(),
+            "iter_num": 0, "best_val_loss": None, "lora": kwargs, "base": base, "xgblora_merges": 0,
+            "data_format": "chat" if _is_chat(adapter_dir, resolved) else "text",
+            "format_version": checkpoint.CKPT_FORMAT}
+    checkpoint.atomic_save(ckpt, path)
+    tok.save(os.path.join(os.path.dirname(path), "tokenizer_state.json"))
+    return path, kwargs, ckpt["data_format"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,26 +588,46 @@ def convert_to_checkpoint(hf_dir, model_name, out_dir="checkpoints", overwrite=F
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a Hugging Face GPT-2 into a project checkpoint, or export a "
-                                            "project model as a Hugging Face GPT-2 directory.")
+    p = argparse.ArgumentParser(description="Convert a Hugging Face GPT-2 (and a peft LoRA adapter for it) into a "
+                                            "project checkpoint, or export a project model as a Hugging Face GPT-2 "
+                                            "directory (or a LoRA run as a peft adapter).")
     p.add_argument("--hf_dir", help="Hugging Face GPT-2 directory (or hub id) to convert")
+    p.add_argument("--adapter_dir", help="with --hf_dir: a peft LoRA adapter for that GPT-2, imported as a LoRA run")
     p.add_argument("--model_name", help="project model: written by --hf_dir, read by --export_dir")
     p.add_argument("--out_dir", default="checkpoints", help="where project checkpoints live")
     p.add_argument("--export_dir", help="write the model as a Hugging Face directory here")
+    p.add_argument("--export_adapter_dir", help="write a LoRA run's adapters as a peft adapter directory here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint of --model_name")
     args = p.parse_args(argv)
     t0 = time.time()
     try:
-        if not args.model_name or bool(args.hf_dir) == bool(args.export_dir):
-            raise ValueError("give --model_name and exactly one of --hf_dir DIR (convert) or --export_dir DIR (export)")
-        if args.hf_dir:
+        modes = [m for m in (args.hf_dir, args.export_dir, args.export_adapter_dir) if m]
+        if not args.model_name or len(modes) != 1:
+            raise ValueError("give --model_name and exactly one of --hf_dir DIR (convert; + --adapter_dir PEFT_DIR to "
+                             "import an adapter), --export_dir DIR or --export_adapter_dir DIR (export)")
+        if args.adapter_dir and not args.hf_dir:
+            raise ValueError("--adapter_dir needs --hf_dir: the Hugging Face GPT-2 the adapter was trained on")
+        if args.adapter_dir:
+            path, kwargs, fmt = import_adapter(args.hf_dir, args.adapter_dir, args.model_name, args.out_dir,
+                                               args.overwrite)
+            print(f"imported {args.adapter_dir} (LoRA rank {kwargs['rank']}, alpha {kwargs['alpha']:g}, targets "
+                  f"{','.join(kwargs['targets'])}) on {args.hf_dir} -> {path} ({fmt} model); train it further with "
+                  f"train.py --init_from resume --model_name {args.model_name} --finetuning_type lora --lora_rank "
+                  f"{kwargs['rank']} --lora_target {','.join(kwargs['targets'])} --dataset_dir DATA")
+        elif args.hf_dir:
             path, model = convert_to_checkpoint(args.hf_dir, args.model_name, args.out_dir, args.overwrite)
             print(f"converted {args.hf_dir} -> {path} ({model.get_num_params():,} parameters)")
+        elif args.export_adapter_dir:
+            config = export_adapter(args.model_name, args.export_adapter_dir, args.out_dir)
+            print(f"exported the adapters of {args.model_name} -> {args.export_adapter_dir} (peft LoRA, r "
+                  f"{config['r']}, targets {','.join(config['target_modules'])}, base "
+                  f"{config['base_model_name_or_path']})")
         else:
             import checkpoint
-            model, tok, _ = checkpoint.load_model(args.model_name, args.out_dir)
-            export_hf(model, tok, args.export_dir)
-            print(f"exported {args.model_name} -> {args.export_dir}")
+            model, tok, ckpt = checkpoint.load_model(args.model_name, args.out_dir)
+            chat = ckpt.get("data_format") == "chat"
+            export_hf(model, tok, args.export_dir, chat=chat)
+            print(f"exported {args.model_name} -> {args.export_dir}{' (with its chat template)' if chat else ''}")
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a RuntimeError, ConfigError a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1

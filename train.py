@@ -487,7 +487,8 @@ def _train(cfg, log):
             load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], fsdp)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
     if resume:
-        if rank < len(ckpt["loader"]):  # a rank the saved run did not have keeps its own fresh stream (not rank 0's)
+        if rank < len(ckpt.get("loader") or []):  # a rank the saved run did not have (or an imported adapter: no
+            # loader state at all) keeps its own fresh stream (not rank 0's)
             train_loader.load_state_dict(ckpt["loader"][rank])
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
