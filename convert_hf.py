@@ -431,7 +431,7 @@ def _write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
-def write_chat_files(tokenizer, out_dir):
+def write_chat_files(tokenizer, out_dir, generation=True):
     """A chat model's extras in an export being written: the chat template in tokenizer_config.json (gpt2
     tokenizers, which have HF tokenizer files) and generation_config.json, whose eos ends an assistant turn."""
     config_path = os.path.join(out_dir, "tokenizer_config.json")
@@ -440,7 +440,8 @@ def write_chat_files(tokenizer, out_dir):
             config = json.load(f)
         config["chat_template"] = hf_adapters.chat_template()
         _write_json(config, config_path)
-    _write_json(hf_adapters.generation_config(tokenizer), os.path.join(out_dir, "generation_config.json"))
+    if generation:
+        _write_json(hf_adapters.generation_config(tokenizer), os.path.join(out_dir, "generation_config.json"))
 
 
 def adapter_base(ckpt, path, model_name):
@@ -458,11 +459,12 @@ def adapter_base(ckpt, path, model_name):
         raise ValueError(f"{path}: the adapters of '{model_name}' sit on {on}, not on a Hugging Face GPT-2 directory, "
                          f"so peft has no base to put them on; {whole}")
     where = base["path"]
-    if os.path.isdir(where):
-        read_hf_config(where)  # still a GPT-2 directory (raises a one-line error if not)
-    elif os.path.exists(where) or not HUB_ID.match(where):
-        raise ValueError(f"{path}: the run's base {where} is not a Hugging Face GPT-2 directory any more (moved or "
-                         f"deleted); {whole}")
+    if os.path.isdir(where) or os.path.exists(where) or not HUB_ID.match(where):  # a local path, not a hub id
+        try:
+            read_hf_config(where)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path}: the run's base {where} is not a Hugging Face GPT-2 directory any more "
+                             f"({_first_line(e)}); {whole}") from None
     if ckpt["model_args"].get("use_bos_zero_training") and ckpt["model_args"].get("bos_scaling_factor") != 1.0:
         raise ValueError(f"{path}: '{model_name}' uses use_bos_zero_training, which a peft adapter on a Hugging Face "
                          f"GPT-2 cannot express (its logits would differ)")
@@ -471,7 +473,9 @@ def adapter_base(ckpt, path, model_name):
 
 def export_adapter(model_name, adapter_dir, out_dir="checkpoints"):
     """A LoRA run on a Hugging Face GPT-2 -> adapter_dir with adapter_config.json + adapter_model.safetensors,
-    which PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter_dir) loads."""
+    which PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter_dir) loads. A chat run's
+    adapter also gets the tokenizer files with the chat template, as peft users save them beside an adapter
+    (AutoTokenizer.from_pretrained(adapter_dir)), and which an import reads back as a chat model."""
     import checkpoint  # here, not at the top: checkpoint.py imports this module
     from safetensors.torch import save_file
 
@@ -486,6 +490,10 @@ def export_adapter(model_name, adapter_dir, out_dir="checkpoints"):
     try:
         save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         _write_json(config, os.path.join(tmp, ADAPTER_CONFIG))
+        tok = Tokenizer.from_state(ckpt["tokenizer"])
+        if ckpt.get("data_format") == "chat" and tok.kind == "gpt2":
+            write_gpt2_tokenizer_files(tok, tmp)
+            write_chat_files(tok, tmp, generation=False)
         _replace_dir(tmp, adapter_dir, marker=ADAPTER_CONFIG, flag="--export_adapter_dir")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,7 +30,7 @@ WHOLE_TARGETS = {path: name for name, (path, piece) in lora.TARGETS.items() if p
 PEFT_NAMES = {"attn.c_attn": "c_attn", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "c_fc", "mlp.c_proj": "mlp.c_proj"}
 PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|"
                       r"mlp\.c_proj)\.lora_([AB])\.weight$")
-# peft LoraConfig settings with no equivalent in lora.py, and the value that means "off"
+# peft LoraConfig settings with no equivalent in lora.py (each must be off: null, false or empty) -> what they are
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a bias on lora_B", "use_qalora": "QA-LoRA",
                "kasa_config": "KaSA", "use_bdlora": "block-diagonal LoRA", "monteclora_config": "MonteCLoRA",
                "arrow_config": "Arrow routing", "alora_invocation_tokens": "activated LoRA",
@@ -59,10 +59,10 @@ def lora_to_peft(adapters, lora_kwargs, n_layer):
             slices_of[path].append(t)
     out, ranks = {}, {}
     for path, names in slices_of.items():
+        names = sorted(names, key=lambda t: lora.TARGETS[t][1])  # q, k, v: row order
         for i in layers:
             ours = f"transformer.h.{i}.{path}.lora_"
             if names:
-                names = sorted(names, key=lambda t: lora.TARGETS[t][1])  # q, k, v: row order
                 A, B = _block_adapter(adapters, ours, names)
             else:
                 A, B = adapters[ours + "A"], adapters[ours + "B"]
@@ -155,8 +155,11 @@ def peft_to_lora(cfg, state, n_layer, n_embd, where):
     layers_of, rank, scaling, first, out = {}, None, None, None, {}
     for (i, path), ab in sorted(found.items()):
         name = f"transformer.h.{i}.{path}"
-        if set(ab) != {"A", "B"} or i >= n_layer:
-            raise ValueError(f"{where}: {name} has {'no such layer in the base' if i >= n_layer else 'only lora_' + ''.join(ab)}")
+        if i >= n_layer:
+            raise ValueError(f"{where}: adapts {name}, but the base has layers 0..{n_layer - 1}: the adapter was made "
+                             f"for another model")
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{where}: {name} has only lora_{''.join(ab)}; a LoRA adapter needs lora_A and lora_B")
         A, B = ab["A"], ab["B"]
         n_in, n_out = widths[path]
         r = A.size(0)

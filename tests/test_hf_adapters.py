@@ -9,6 +9,7 @@ transformers' random init."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2LMHeadModel  # noq
 
 import checkpoint  # noqa: E402
 import convert_hf  # noqa: E402
+import hf_adapters  # noqa: E402
 import lora  # noqa: E402
 import prepare_dataset  # noqa: E402
 import train as train_mod  # noqa: E402
@@ -95,6 +97,10 @@ def runs(base, data, tmp_path_factory):
                   lora_dropout=0.05, lora_target=targets)
     train_run(out, data["dir"], model_name="xgb", init_from=base, max_iters=2, eval_interval=2,
               finetuning_type="xgblora")
+    moved = shutil.copytree(base, os.path.join(out, "moved_base"))  # a base deleted after the run
+    train_run(out, data["dir"], model_name="moved", init_from=moved, max_iters=1, eval_interval=1,
+              finetuning_type="lora", lora_target="all")
+    shutil.rmtree(moved)
     convert_hf.convert_to_checkpoint(base, "proj", out)
     train_run(out, data["dir"], model_name="on_proj", init_from_model="proj", max_iters=2, eval_interval=2,
               finetuning_type="lora", lora_target="all")
@@ -130,7 +136,9 @@ def one_line_error(capsys, rc):
 def test_exported_adapter_in_peft_computes_the_project_logits(name, runs, base, tmp_path):
     out_dir = tmp_path / "peft"
     assert convert_hf.main(["--model_name", name, "--out_dir", runs, "--export_adapter_dir", str(out_dir)]) == 0
-    assert sorted(os.listdir(out_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # a chat run (all of these are): the tokenizer files with the chat template go along
+    assert sorted(os.listdir(out_dir)) == ["adapter_config.json", "adapter_model.safetensors", "merges.txt",
+                                           "tokenizer_config.json", "vocab.json"]
     cfg = json.loads((out_dir / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] and cfg["base_model_name_or_path"] == base
     assert cfg["lora_dropout"] == 0.05 and cfg["lora_alpha"] / cfg["r"] == 16.0 / (8 if name == "all" else 4)
@@ -141,6 +149,13 @@ def test_exported_adapter_in_peft_computes_the_project_logits(name, runs, base, 
     assert (hf_logits(peft_model, idx) - want).abs().max().item() <= 1e-5
     assert (hf_logits(GPT2LMHeadModel.from_pretrained(base), idx) - want).abs().max().item() > 1e-3  # adapters matter
 
+    if name == "all":  # back in: a chat run again (the template travelled with the adapter), the same logits
+        assert AutoTokenizer.from_pretrained(out_dir).chat_template == hf_adapters.chat_template()
+        assert convert_hf.main(["--hf_dir", base, "--adapter_dir", str(out_dir), "--model_name", "back", "--out_dir",
+                                str(tmp_path / "ck")]) == 0
+        back = checkpoint.load_checkpoint(os.path.join(tmp_path, "ck", "back", "ckpt.pt"))
+        assert back["data_format"] == "chat" and back["lora"]["targets"] == lora.ALL_TARGETS
+        assert (project_logits("back", str(tmp_path / "ck"), idx) - want).abs().max().item() <= 1e-5
     if name == "qv":  # two rank-4 slices -> one rank-8 c_attn adapter whose k rows are exactly zero
         assert (cfg["r"], cfg["target_modules"]) == (8, ["c_attn"])
         B = peft_model.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight  # (3C, 8)
@@ -173,7 +188,8 @@ def test_mixed_ranks_use_peft_rank_pattern(runs, base, data, tmp_path):
 
 
 @pytest.mark.parametrize("name, says", [("xgb", "XGBLoRA"), ("on_proj", "project model 'proj'"),
-                                        ("proj", "not a LoRA run")])
+                                        ("proj", "not a LoRA run"),
+                                        ("moved", "is not a Hugging Face GPT-2 directory any more")])
 def test_what_cannot_be_an_adapter_is_refused(name, says, runs, tmp_path, capsys):
     out_dir = tmp_path / "peft"
     err = one_line_error(capsys, convert_hf.main(["--model_name", name, "--out_dir", runs, "--export_adapter_dir",
