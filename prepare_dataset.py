@@ -361,7 +361,9 @@ def _record_chunks(file_idx, path, kind, block_bytes):
 def _open_parquet(path):
     import pyarrow.parquet as pq  # only Parquet inputs need pyarrow
     try:
-        return pq.ParquetFile(path)
+        # pre_buffer=False: with pyarrow's default (True) the reader keeps what it read, and its memory grows with
+        # the file (measured: +80 MB over a 120 MB file); without it memory stays at one row group
+        return pq.ParquetFile(path, pre_buffer=False)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError (and more) for a damaged file
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable Parquet file ({first}); re-download or re-export it") from None

@@ -345,6 +345,21 @@ def test_chat_template_renders_sample_py_ids(runs, tmp_path):
         [tok.eot_token] + render_chat(tok, turns[:3])[0]
     gen = json.loads((export / "generation_config.json").read_text())
     assert gen["eos_token_id"] == tok.eot_token == 50256
+    with pytest.raises(Exception, match="unknown role narrator"):  # a role the template has no marker for
+        hf_tok.apply_chat_template([{"role": "narrator", "content": "Once"}], tokenize=False)
+
+
+def test_char_chat_model_export_gets_the_generation_config(tmp_path):
+    """A char-tokenized chat model has no Hugging Face tokenizer files (so no template), but generate still needs
+    to know that its end-of-text id ends a turn."""
+    tok = Tokenizer.char_from_texts(["hello there"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16, bias=True))
+    convert_hf.export_hf(model, tok, str(tmp_path / "hf"), chat=True)
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eot_token == len(tok.chars)
+    assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == tok.eot_token
 
 
 def test_transformers_generate_stops_where_sample_py_stops(runs, data, tmp_path):
