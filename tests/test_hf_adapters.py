@@ -8,6 +8,7 @@ The Hugging Face base is made by the project's own code (a seeded GPT written wi
 transformers' random init."""
 
 import json
+import math
 import os
 import shutil
 
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2LMHeadModel  # noq
 
 import checkpoint  # noqa: E402
 import convert_hf  # noqa: E402
+import evaluate  # noqa: E402
 import hf_adapters  # noqa: E402
 import lora  # noqa: E402
 import prepare_dataset  # noqa: E402
@@ -240,6 +242,15 @@ def test_peft_adapter_imports_samples_peft_greedy_text_and_trains_on(base, data,
                 "--temperature", "0", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert r.stdout == prompt + tok.decode(new.tolist()) + "\n"
+
+    # evaluate.py scores it on chat data (masked loss): a finite loss, not the bare base's
+    report = evaluate.run(evaluate.parse_args(["--model_name", "imp", "--out_dir", out, "--dataset_dir", data["dir"],
+                                               "--max_windows", "8"]))
+    convert_hf.convert_to_checkpoint(base, "bare", out)
+    bare = evaluate.run(evaluate.parse_args(["--model_name", "bare", "--out_dir", out, "--dataset_dir", data["dir"],
+                                             "--max_windows", "8"]))
+    loss = report["results"][0]["loss"]
+    assert report["data"]["masked"] and math.isfinite(loss) and abs(loss - bare["results"][0]["loss"]) > 1e-3
 
     # continue training it with the project's LoRA (resume from iteration 0), then hand it back to peft
     before = {k: v.clone() for k, v in ckpt["model"].items()}
