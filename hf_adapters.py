@@ -1,7 +1,7 @@
 """
 What the Hugging Face ecosystem reads besides a model's weights: peft LoRA adapters (both ways), and the chat
 template + generation config that an exported chat model carries. Plain data in, plain data out: no files are
-read or written here (convert_hf.py does that), and neither transformers nor peft is needed.
+read or written here (hf.py does that), and neither transformers nor peft is needed.
 
 peft LoRA on GPT-2. peft wraps each targeted Conv1D and adds, like lora.py,
     y = conv1d(x) + scaling * (dropout(x) @ A.T @ B.T)      A: (r, in), B: (out, r), scaling = alpha / r
@@ -22,6 +22,7 @@ import re
 import torch
 
 import lora
+from errors import InputError
 from tokenizer import EOT_TEXT, ROLE_MARKERS
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the base model's module names
@@ -115,17 +116,17 @@ def peft_adapter_config(lora_kwargs, ranks, base_model_name_or_path):
 def check_peft_config(cfg, where):
     """Refuse an adapter_config.json that is not plain LoRA, naming the setting."""
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type is {cfg.get('peft_type')!r}: only LoRA adapters have an equivalent in "
+        raise InputError(f"{where}: peft_type is {cfg.get('peft_type')!r}: only LoRA adapters have an equivalent in "
                          f"the project (lora.py)")
     for key, what in UNSUPPORTED.items():
         if cfg.get(key):
-            raise ValueError(f"{where}: '{key}' is set ({what}), which the project's LoRA cannot compute; only plain "
+            raise InputError(f"{where}: '{key}' is set ({what}), which the project's LoRA cannot compute; only plain "
                              f"LoRA adapters can be imported")
     if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{where}: 'bias' is {cfg['bias']!r} (the adapter also trained the base's biases), which the "
+        raise InputError(f"{where}: 'bias' is {cfg['bias']!r} (the adapter also trained the base's biases), which the "
                          f"project's LoRA cannot hold; only bias 'none' can be imported")
     if cfg.get("init_lora_weights", True) not in PLAIN_INITS:
-        raise ValueError(f"{where}: init_lora_weights is {cfg['init_lora_weights']!r}, which changes the base weights "
+        raise InputError(f"{where}: init_lora_weights is {cfg['init_lora_weights']!r}, which changes the base weights "
                          f"themselves; save it with peft's path_initial_model_for_weight_conversion, then import")
 
 
@@ -145,31 +146,31 @@ def peft_to_lora(cfg, state, n_layer, n_embd, where):
     for key, t in state.items():
         m = PEFT_KEY.match(key)
         if not m:
-            raise ValueError(f"{where}: adapter tensor '{key}' has no equivalent in the project's LoRA (it adapts "
+            raise InputError(f"{where}: adapter tensor '{key}' has no equivalent in the project's LoRA (it adapts "
                              f"only GPT-2's c_attn, attn.c_proj, c_fc and mlp.c_proj with lora_A / lora_B)")
         found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
     if not found:
-        raise ValueError(f"{where}: holds no LoRA tensors")
+        raise InputError(f"{where}: holds no LoRA tensors")
     widths = {"attn.c_attn": (n_embd, 3 * n_embd), "attn.c_proj": (n_embd, n_embd),
               "mlp.c_fc": (n_embd, 4 * n_embd), "mlp.c_proj": (4 * n_embd, n_embd)}  # (in, out)
     layers_of, rank, scaling, first, out = {}, None, None, None, {}
     for (i, path), ab in sorted(found.items()):
         name = f"transformer.h.{i}.{path}"
         if i >= n_layer:
-            raise ValueError(f"{where}: adapts {name}, but the base has layers 0..{n_layer - 1}: the adapter was made "
+            raise InputError(f"{where}: adapts {name}, but the base has layers 0..{n_layer - 1}: the adapter was made "
                              f"for another model")
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"{where}: {name} has only lora_{''.join(ab)}; a LoRA adapter needs lora_A and lora_B")
+            raise InputError(f"{where}: {name} has only lora_{''.join(ab)}; a LoRA adapter needs lora_A and lora_B")
         A, B = ab["A"], ab["B"]
         n_in, n_out = widths[path]
         r = A.size(0)
         if A.shape != (r, n_in) or B.shape != (n_out, r):
-            raise ValueError(f"{where}: {name} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the base "
+            raise InputError(f"{where}: {name} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the base "
                              f"(expected ({r}, {n_in}) / ({n_out}, {r})): the adapter was made for another model")
         alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
         s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if rank is not None and (r != rank or not math.isclose(s, scaling, rel_tol=1e-6)):
-            raise ValueError(f"{where}: {name} has rank {r} (scaling {s:g}) but {first} has rank {rank} (scaling "
+            raise InputError(f"{where}: {name} has rank {r} (scaling {s:g}) but {first} has rank {rank} (scaling "
                              f"{scaling:g}): the project's LoRA uses one rank and alpha for every adapted module")
         rank, scaling, first = r, s, name
         layers_of.setdefault(path, []).append(i)
@@ -177,7 +178,7 @@ def peft_to_lora(cfg, state, n_layer, n_embd, where):
     layer_sets = {tuple(v) for v in layers_of.values()}
     if len(layer_sets) > 1:
         detail = "; ".join(f"{p} on layers {v}" for p, v in layers_of.items())
-        raise ValueError(f"{where}: the adapted layers differ between modules ({detail}): the project's LoRA puts "
+        raise InputError(f"{where}: the adapted layers differ between modules ({detail}): the project's LoRA puts "
                          f"the same targets on each adapted layer")
     layers = list(layer_sets.pop())
     kwargs = {"rank": rank, "alpha": scaling * rank, "dropout": float(cfg.get("lora_dropout", 0.0) or 0.0),

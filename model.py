@@ -211,6 +211,10 @@ def scale_first_position(x, factor):
     return x * scale  # (B, T, C)
 
 
+def padded_vocab(n):
+    return ((n + 63) // 64) * 64  # a multiple of 64 makes the embedding/lm_head matmuls faster
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()

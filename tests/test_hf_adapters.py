@@ -4,8 +4,8 @@ LoRA runs on a Hugging Face GPT-2 exported with --export_adapter_dir load in Pef
 LoRA runs that sample peft's greedy text and train on; what has no equivalent is refused in one line; an exported
 chat model's apply_chat_template gives sample.py's ids and its generate stops where sample.py stops.
 
-The Hugging Face base is made by the project's own code (a seeded GPT written with export_hf), never by
-transformers' random init."""
+The Hugging Face base is a seeded GPT-2 the tests write themselves (conftest.make_hf_gpt2), never transformers'
+random init."""
 
 import json
 import math
@@ -23,12 +23,13 @@ from transformers import AutoTokenizer, GenerationConfig, GPT2LMHeadModel  # noq
 import checkpoint  # noqa: E402
 import convert_hf  # noqa: E402
 import evaluate  # noqa: E402
+import hf  # noqa: E402
 import hf_adapters  # noqa: E402
 import lora  # noqa: E402
 import prepare_dataset  # noqa: E402
 import train as train_mod  # noqa: E402
 from config import load_config  # noqa: E402
-from conftest import SAMPLE_CHAT, run_cli  # noqa: E402
+from conftest import SAMPLE_CHAT, make_hf_gpt2, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer, chat_prompt, render_chat  # noqa: E402
 
@@ -37,22 +38,6 @@ V = 50257  # GPT-2's vocabulary; the project's model pads it to 50304
 SMALL = dict(block_size=64, batch_size=4, eval_iters=1, log_interval=1, warmup_iters=2, learning_rate=1e-2,
              min_lr=1e-3, weight_decay=0.0, use_loss_mask=True, dtype="float32")
 TARGET_SETS = {"whole": ["c_attn", "mlp.c_proj"], "qv": ["q", "v"], "mix": ["k", "attn.c_proj"], "all": "all"}
-
-
-def make_hf_gpt2(out_dir, seed=0, n_layer=2, n_head=2, n_embd=32, block_size=64):
-    """A Hugging Face GPT-2 directory (config.json, model.safetensors, GPT-2 tokenizer files) holding a seeded
-    project GPT: biases and LayerNorms get seeded noise (a mixed-up tensor shows), and wte is N(0, 0.5), rows of
-    norm ~3 as in a real GPT-2, so the tied output layer can become confident."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                          dropout=0.0, bias=True))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-        model.transformer.wte.weight.normal_(0, 0.5)
-    convert_hf.export_hf(model, Tokenizer("gpt2"), str(out_dir))
-    return str(out_dir)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,7 +51,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return make_hf_gpt2(tmp_path_factory.mktemp("hf") / "base")
+    """GPT-2's vocabulary and tokenizer files, 2 layers of n_embd 32; wte N(0, 0.5): rows of norm ~3, as in a real
+    GPT-2, so the tied output layer can become confident (and a chat SFT learns to end its turn)."""
+    return make_hf_gpt2(tmp_path_factory.mktemp("hf") / "base", vocab_size=V, n_positions=64, wte_std=0.5,
+                        tokenizer_files=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +113,13 @@ def hf_logits(model, idx):
         return model(idx).logits
 
 
-def one_line_error(capsys, rc):
+def cli_error(capsys, argv):
+    """convert_hf.main(argv) must fail with one line on stderr and exit status 1: returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        convert_hf.main(argv)
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err.startswith("error: ") and "\n" not in err, err
+    assert e.value.code == 1 and err.startswith("error: ") and "\n" not in err, err
     return err
 
 
@@ -194,8 +186,7 @@ def test_mixed_ranks_use_peft_rank_pattern(runs, base, data, tmp_path):
                                         ("moved", "is not a Hugging Face GPT-2 directory any more")])
 def test_what_cannot_be_an_adapter_is_refused(name, says, runs, tmp_path, capsys):
     out_dir = tmp_path / "peft"
-    err = one_line_error(capsys, convert_hf.main(["--model_name", name, "--out_dir", runs, "--export_adapter_dir",
-                                                  str(out_dir)]))
+    err = cli_error(capsys, ["--model_name", name, "--out_dir", runs, "--export_adapter_dir", str(out_dir)])
     assert says in err and "--export_dir" in err, err
     assert not out_dir.exists() and os.listdir(tmp_path) == []
 
@@ -309,26 +300,26 @@ def test_adapters_without_an_equivalent_are_refused(kind, says, base, tmp_path, 
     unsupported(base, tmp_path / "adapter", kind)
     capsys.readouterr()  # transformers' own loading messages
     out = tmp_path / "ckpt"
-    rc = convert_hf.main(["--hf_dir", base, "--adapter_dir", str(tmp_path / "adapter"), "--model_name", "imp",
-                          "--out_dir", str(out)])
-    err = one_line_error(capsys, rc)
+    err = cli_error(capsys, ["--hf_dir", base, "--adapter_dir", str(tmp_path / "adapter"), "--model_name", "imp",
+                             "--out_dir", str(out)])
     assert says in err, err
     assert not out.exists()
 
 
 def test_bad_adapter_dirs_are_one_line(base, tmp_path, capsys):
-    err = one_line_error(capsys, convert_hf.main(["--hf_dir", base, "--adapter_dir", str(tmp_path / "nope"),
-                                                  "--model_name", "m", "--out_dir", str(tmp_path / "c")]))
+    out = ["--model_name", "m", "--out_dir", str(tmp_path / "c")]
+    err = cli_error(capsys, ["--hf_dir", base, "--adapter_dir", str(tmp_path / "nope"), *out])
     assert "nope: no such directory" in err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
-    err = one_line_error(capsys, convert_hf.main(["--hf_dir", base, "--adapter_dir", str(tmp_path / "bad"),
-                                                  "--model_name", "m", "--out_dir", str(tmp_path / "c")]))
+    err = cli_error(capsys, ["--hf_dir", base, "--adapter_dir", str(tmp_path / "bad"), *out])
     assert "adapter_config.json:1: not valid JSON" in err
-    err = one_line_error(capsys, convert_hf.main(["--adapter_dir", str(tmp_path / "bad"), "--model_name", "m",
-                                                  "--export_dir", str(tmp_path / "x")]))
-    assert "--adapter_dir needs --hf_dir" in err
-    assert not (tmp_path / "c").exists()
+    err = cli_error(capsys, ["--adapter_dir", str(tmp_path / "bad"), "--export_dir", str(tmp_path / "x"), *out])
+    assert "--adapter_dir needs --hf_dir" in err or "exactly one of" in err
+    err = cli_error(capsys, ["--hf_dir", base, "--adapter_dir", str(tmp_path / "bad"), "--export_adapter_dir",
+                             str(tmp_path / "x"), *out])
+    assert "exactly one of" in err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,7 +357,7 @@ def test_char_chat_model_export_gets_the_generation_config(tmp_path):
     tok = Tokenizer.char_from_texts(["hello there"])
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16, bias=True))
-    convert_hf.export_hf(model, tok, str(tmp_path / "hf"), chat=True)
+    hf.export_hf(model, tok, str(tmp_path / "hf"), chat=True)
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == tok.eot_token == len(tok.chars)
     assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
