@@ -22,9 +22,9 @@ Chat format: every record is one conversation in one of four schemas (OpenAI mes
 Alpaca instruction/output, prompt/completion), rendered with tokenizer.render_chat, the same template sample.py
 uses. Each split's stream starts with one end-of-text token so that every conversation follows one.
 
-Memory stays flat however large the corpus: inputs are read in ~1 MB chunks (text blocks cut at a newline, or
-runs of JSONL lines, or batches of Parquet rows read one row group at a time), tokenized (optionally by a pool of worker processes, order preserved), and appended to
-the open shard files. Everything is written into D.tmp-<pid> and renamed to D only when complete.
+Memory stays flat however large the corpus: inputs are read in ~1 MB chunks (text blocks cut at a newline, runs
+of JSONL lines, or batches of Parquet rows read one row group at a time), tokenized (optionally by a pool of worker
+processes, order preserved), and appended to the open shard files. Everything is written into D.tmp-<pid> and renamed to D only when complete.
 """
 
 import argparse
