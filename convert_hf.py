@@ -17,7 +17,7 @@ import checkpoint
 import hf_adapters
 import lora
 from config import TrainConfig, config_dict
-from errors import InputError, first_line, one_line_errors
+from errors import ExistsError, InputError, first_line, one_line_errors
 from hf import (HUB_ID, export_hf, has_project_chat_template, load_hf_gpt2, read_hf_config, read_peft_adapter,
                 resolve_hf_dir, write_peft_adapter)
 from tokenizer import Tokenizer
@@ -27,7 +27,7 @@ def convert_to_checkpoint(hf_dir, model_name, out_dir="checkpoints", overwrite=F
     """HF directory -> <out_dir>/<model_name>/ckpt.pt (+ tokenizer_state.json), a normal project checkpoint."""
     path = os.path.join(checkpoint.model_dir(out_dir, model_name), "ckpt.pt")
     if os.path.exists(path) and not overwrite:
-        raise InputError(f"{path}: already exists; pass --overwrite to replace it or choose another --model_name")
+        raise ExistsError(f"{path}: already exists; pass --overwrite to replace it or choose another --model_name")
     model, tok = load_hf_gpt2(hf_dir)
     c = model.config
     cfg = TrainConfig(model_name=model_name, out_dir=out_dir, init_from=hf_dir, n_layer=c.n_layer, n_head=c.n_head,
@@ -90,7 +90,7 @@ def import_adapter(hf_dir, adapter_dir, model_name, out_dir="checkpoints", overw
     resume take it. Returns (path, lora kwargs, data format)."""
     path = os.path.join(checkpoint.model_dir(out_dir, model_name), "ckpt.pt")
     if os.path.exists(path) and not overwrite:
-        raise InputError(f"{path}: already exists; pass --overwrite to replace it or choose another --model_name")
+        raise ExistsError(f"{path}: already exists; pass --overwrite to replace it or choose another --model_name")
     config, state, where = read_peft_adapter(adapter_dir)
     model, tok = load_hf_gpt2(hf_dir)
     c = model.config

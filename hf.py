@@ -29,7 +29,7 @@ import torch
 
 import hf_adapters
 import lora
-from errors import InputError, MissingFileError
+from errors import ExistsError, InputError, MissingFileError
 from model import GPT, GPTConfig
 from tokenizer import EOT_TEXT, Tokenizer, bytes_to_unicode
 
@@ -369,7 +369,7 @@ def _replace_dir(tmp, out_dir, marker="config.json", flag="--export_dir"):
         raise InputError(f"{out_dir}: is a file; {flag} must be a directory (new, or a previous export)")
     if os.path.exists(out_dir):
         if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, marker)):
-            raise InputError(f"{out_dir}: exists and is not a previous export (no {marker}): choose another "
+            raise ExistsError(f"{out_dir}: exists and is not a previous export (no {marker}): choose another "
                              f"{flag} or remove it")
         old = f"{out_dir}.old.{os.getpid()}"
         os.replace(out_dir, old)
