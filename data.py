@@ -18,8 +18,10 @@ import os
 import numpy as np
 import torch
 
+from errors import GPTLabError
 
-class DataError(ValueError):
+
+class DataError(GPTLabError, ValueError):
     """Dataset files that do not agree with each other or with the request: names the file and the fix."""
 
 
