@@ -125,8 +125,8 @@ def validate_scaffold_config(cfg, where="config"):
     need(0.0 <= cfg.min_lr <= cfg.learning_rate, "min_lr", "must lie in [0, learning_rate]")
     for key in ("fuser_dropout", "lora_dropout", "beta1", "beta2"):
         need(0.0 <= getattr(cfg, key) < 1.0, key, "must lie in [0, 1)")
-    for key in ("num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "log_interval", "max_new_tokens",
-                "max_bad_steps"):
+    for key in ("num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "log_interval",
+                "max_new_tokens", "max_bad_steps"):
         need(getattr(cfg, key) >= 1, key, "must be >= 1")
     for key in ("fuser_n_head", "eval_interval", "patience", "num_samples", "top_k", "temperature", "weight_decay",
                 "grad_clip"):
@@ -605,7 +605,8 @@ def make_optimizer(fused, cfg, device_type):
     """The main stack's AdamW (model.configure_adamw: decay on 2-D weights, the fused kernel on CPU and CUDA) over
     what trains: the fusers (unless train_fuser is false) and the scaffold's adapters."""
     if not any(p.requires_grad for p in fused.parameters()):
-        raise ConfigError("nothing to train: the fusers are frozen (train_fuser false) and the scaffold has no adapters")
+        raise ConfigError("nothing to train: the fusers are frozen (train_fuser false) and the scaffold has no "
+                          "adapters")
     return configure_adamw(fused.parameters(), cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
 
 
@@ -705,8 +706,8 @@ def load_training_state(cfg, path):
     old = ckpt["config"]
     for key in RESUME_KEYS:
         if key in old and old[key] != getattr(cfg, key):
-            raise CheckpointError(f"{path}: resuming with a different setting: '{key}' is {getattr(cfg, key)!r} now but "
-                                  f"{old[key]!r} in the saved run; use the config the run started with")
+            raise CheckpointError(f"{path}: resuming with a different setting: '{key}' is {getattr(cfg, key)!r} now "
+                                  f"but {old[key]!r} in the saved run; use the config the run started with")
     return ckpt
 
 
@@ -715,7 +716,8 @@ def restore(run, ckpt):
     the order generator, the random state, the best model and the patience counters."""
     if ckpt["train_records"] != len(run.train_set):
         raise CheckpointError(f"{run.state_path}: the saved run trained on {ckpt['train_records']} records, "
-                              f"{run.cfg.train_file} now gives {len(run.train_set)}: resume with the file it started with")
+                              f"{run.cfg.train_file} now gives {len(run.train_set)}: resume with the file it started "
+                              f"with")
     load_trainable(run.fused, ckpt, run.state_path)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if run.scaler.is_enabled() and ckpt.get("scaler"):
@@ -743,7 +745,8 @@ def scaffold_checkpoint(run, val_loss, with_state):
     if with_state:
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
-        ck.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        ck.update(optimizer=run.optimizer.state_dict(),
+                  scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
                   loader={"epoch": run.epoch, "position": run.position, "order_rng": run.order_rng}, rng=rng,
                   best_model=run.best_state, best_epoch=run.best_epoch, bad_evals=run.bad_evals,
                   bad_steps=run.bad_steps, stopped_early=run.stopped_early, history=run.history,
@@ -800,7 +803,8 @@ def count_bad_step(run, ok, loss):
         return
     cfg = run.cfg
     run.bad_steps += 1
-    run.log(f"step {run.step}: non-finite loss or gradient ({loss}); step skipped ({run.bad_steps}/{cfg.max_bad_steps})")
+    run.log(f"step {run.step}: non-finite loss or gradient ({loss}); step skipped "
+            f"({run.bad_steps}/{cfg.max_bad_steps})")
     run.metrics.write(iter=run.step, epoch=run.epoch, skipped=True)
     if run.bad_steps >= cfg.max_bad_steps:
         raise ScaffoldError(f"{run.bad_steps} non-finite steps in a row at step {run.step} (epoch {run.epoch}): lower "
@@ -840,6 +844,20 @@ def log_samples(run):
     fused.train()
 
 
+def end_epoch(run, next_order_rng):
+    """The end of an epoch (or of an early-stopped one): evaluate, answer sample prompts, maybe stop early; the
+    training state saved then points at the next epoch."""
+    cfg = run.cfg
+    if not run.stopped_early:
+        run.stopped_early = evaluate_and_keep(run)
+    log_samples(run)
+    if run.stopped_early:
+        run.log(f"early stop: no better val loss in {cfg.patience} evaluations (best {run.best_val:.4f}, epoch "
+                f"{run.best_epoch})")
+    run.epoch, run.position, run.order_rng = run.epoch + 1, 0, next_order_rng
+    save_training_state(run)
+
+
 def train(cfg, log=print):
     """Train the fusers and the scaffold's adapters as configured; the best model (val loss) is saved to
     scaffold.pt, the latest training state to scaffold_ckpt.pt (after every evaluation, and on SIGINT/SIGTERM).
@@ -869,7 +887,8 @@ def train(cfg, log=print):
 
                 # log
                 if ok and run.step % cfg.log_interval == 0:
-                    mem = f", mem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if run.device.startswith("cuda") else ""
+                    cuda = run.device.startswith("cuda")
+                    mem = f", mem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if cuda else ""
                     log(f"epoch {run.epoch} step {run.step}/{run.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
                         f"{time.time() - t0:.0f}s{mem}")
                     run.metrics.write(iter=run.step, epoch=run.epoch, loss=loss, lr=lr, time=time.time() - t0)
@@ -882,16 +901,7 @@ def train(cfg, log=print):
                         break
             if run.position < len(micro) and not run.stopped_early:
                 break  # stopped by a signal mid-epoch: saved below
-
-            # end of the epoch: evaluate, sample answers, maybe stop early; the state saved points at the next epoch
-            if not run.stopped_early:
-                run.stopped_early = evaluate_and_keep(run)
-            log_samples(run)
-            if run.stopped_early:
-                log(f"early stop: no better val loss in {cfg.patience} evaluations (best {run.best_val:.4f}, epoch "
-                    f"{run.best_epoch})")
-            run.epoch, run.position, run.order_rng = run.epoch + 1, 0, next_order_rng
-            save_training_state(run)
+            end_epoch(run, next_order_rng)
         if stop:
             if run.saved_at != (run.epoch, run.position):
                 save_training_state(run)
