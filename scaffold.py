@@ -2,6 +2,7 @@
 Scaffold fusion: a frozen base GPT steered by a second, LoRA-tuned "scaffold" GPT through cross-attention.
 
     python scaffold.py train --config_file configs/scaffold.json            # train fusers + scaffold adapters
+    python scaffold.py train --config_file configs/scaffold.json --init_from resume   # go on after Ctrl-C / SIGTERM
     python scaffold.py generate --prompt "qwerty=" --scaffold_weight 0.7    # answer one prompt
     python scaffold.py evaluate --scaffold_weight 1,0.5,0 --exact_match     # validation figures at several weights
     python scaffold.py                                                       # interactive: train / a prompt / quit
@@ -24,7 +25,10 @@ template; their last assistant turn is the completion, everything before it the 
 completion's tokens and its closing EOT (prompt and padding masked, in validation too).
 
 Saved as <out_dir>/<model_name>/scaffold.pt (the best validation loss): fuser weights, scaffold adapters, and
-where the base and the scaffold come from; both are reloaded from there for generation.
+where the base and the scaffold come from; both are reloaded from there for generation. Training runs on the main
+stack's pieces (train.py's AdamW, schedule, non-finite skip, signal handling, metrics.jsonl); the latest training
+state goes to scaffold_ckpt.pt next to it after every evaluation and on SIGINT/SIGTERM, and init_from "resume" goes
+on from there exactly.
 """
 
 import argparse
