@@ -144,15 +144,14 @@ def probe(spec, timeout=900):
 
 
 def autocast(dtype, device="cpu"):
-    from train import autocast_context
+    from runtime import autocast_context
     return autocast_context("cuda" if device.startswith("cuda") else device, dtype)
 
 
 def auto_dtype():
-    """What `dtype: auto` picks on this CPU (train.pick_dtype), as train.py and sample.py use it."""
-    from config import TrainConfig
-    from train import pick_dtype
-    return pick_dtype(TrainConfig(), "cpu")
+    """What `dtype: auto` picks on this CPU (runtime.pick_dtype), as train.py and sample.py use it."""
+    from runtime import pick_dtype
+    return pick_dtype("auto", "cpu")
 
 
 MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
@@ -248,8 +247,8 @@ def adamw(model, device_type="cpu"):
 
 def our_step(model, optimizer, get_batch, ctx):
     """One optimizer step exactly as train.py takes it: fetch the batch, forward + backward through
-    train.forward_backward (loss as a sum normalised by the target count), clip at 1.0, AdamW step, zero grads."""
-    from train import forward_backward
+    runtime.forward_backward (loss as a sum normalised by the target count), clip at 1.0, AdamW step, zero grads."""
+    from runtime import forward_backward
     loss = forward_backward(model, [get_batch()], False, ctx)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if math.isfinite(loss) and bool(torch.isfinite(norm)):
@@ -354,7 +353,7 @@ class Workspace:
 
 def loader(dataset_dir, batch_size, block_size, device="cpu"):
     from data import BatchLoader, read_metadata
-    from train import padded_vocab
+    from model import padded_vocab
     meta = read_metadata(dataset_dir)
     return BatchLoader(dataset_dir, "train", batch_size, block_size, device=device,
                        model_vocab_size=padded_vocab(int(meta["vocab_size"])))
@@ -470,7 +469,7 @@ def section_sample(ws, args):
     """124M, batch 1, greedy, N new tokens after a 32-token prompt: our generate (KV cache) vs transformers'
     generate, the same random weights in both (converted), so both do exactly the same work; then our full
     recompute (no cache) for the speed-up the cache buys."""
-    from convert_hf import load_hf_gpt2
+    from hf import load_hf_gpt2
     from transformers import GPT2LMHeadModel
     from tokenizer import Tokenizer
     n_new = 64 if args.quick else 256
@@ -530,7 +529,7 @@ def section_sample(ws, args):
            "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"ceiling {d}"] / tps[best_hf]}
     what = f"sampling 124M, batch 1, greedy, {n_new} new tokens (CPU)"
     ours_txt = f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)"
-    # as each is shipped: sample.py's --dtype auto (train.pick_dtype) against generate() as it comes (fp32,
+    # as each is shipped: sample.py's --dtype auto (runtime.pick_dtype) against generate() as it comes (fp32,
     # default attention), the comparison the issue's "about 23 tokens/s" reference figure is
     auto = auto_dtype()
     res["ratio_as_shipped"] = tps[f"ours {auto}"] / tps["transformers float32 sdpa"]
@@ -554,14 +553,13 @@ def section_sample(ws, args):
 
 def served_checkpoint(ws):
     """A random-weight GPT-2 124M (our model, GPT-2's tokenizer) saved as a project checkpoint for serve.py."""
-    from checkpoint import atomic_save
+    from checkpoint import atomic_save, make_checkpoint
     from tokenizer import Tokenizer
     out = os.path.join(ws.tmp, "serve_checkpoints")
     torch.manual_seed(0)
     model = our_model(GPT2_124M, 50304, 1024, bias=True)
-    atomic_save({"model": model.state_dict(), "model_args": dict(vars(model.config)), "data_format": "text",
-                 "tokenizer": Tokenizer("gpt2").state_dict(), "format_version": 1},
-                os.path.join(out, "gpt2_124m", "ckpt.pt"))
+    ckpt = make_checkpoint(model.state_dict(), vars(model.config), {}, Tokenizer("gpt2").state_dict())
+    atomic_save(ckpt, os.path.join(out, "gpt2_124m", "ckpt.pt"))
     return out, "gpt2_124m"
 
 
@@ -652,7 +650,8 @@ def section_serve(ws, args):
 
                 def flush(self):
                     pass
-            sampler.stream([tok.eot_token] + tok.encode(prompts[0]), n_new, stop_at_eot=False, out=Clock(), temperature=0)
+            ids = [tok.eot_token] + tok.encode(prompts[0])
+            sampler.stream(ids, n_new, stop_at_eot=False, out=Clock(), temperature=0)
             return times
 
         def per_token(times, tokens):  # first to last piece: tokens - 1 decode steps (held-back text merges pieces)
@@ -757,7 +756,7 @@ def section_loader(ws, args):
 
 
 def section_convert(ws, args):
-    """convert_hf.load_hf_gpt2 on a 124M checkpoint vs GPT2LMHeadModel.from_pretrained: time and peak memory, each
+    """hf.load_hf_gpt2 on a 124M checkpoint vs GPT2LMHeadModel.from_pretrained: time and peak memory, each
     in fresh processes (median of 3)."""
     hf_dir = ws.hf_checkpoint()
     runs = {"ours": [], "hf": []}
@@ -863,14 +862,14 @@ def run_probe(spec):
     the size once the model and optimizer are built."""
     import gc
     import transformers  # noqa: F401  (both sides pay the same imports)
-    import train
+    import runtime
     if spec["kind"] != "convert":
-        train.keep_freed_memory()  # as train.py does: the memory figures are its
+        runtime.keep_freed_memory()  # as train.py does: the memory figures are its
     if spec["kind"] == "convert":
         base = reset_peak_rss()
         t = time.perf_counter()
         if spec["side"] == "ours":
-            from convert_hf import load_hf_gpt2
+            from hf import load_hf_gpt2
             load_hf_gpt2(spec["hf_dir"])
         else:
             from transformers import GPT2LMHeadModel
@@ -959,17 +958,17 @@ def main(argv=None):
     header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    import train
+    import runtime
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ws = Workspace(tmp, args.corpus_dir)
         for name in sections:
             if name not in NO_MODEL_SECTIONS:
-                # the malloc setting train.py and sample.py make on CPU (train.keep_freed_memory), for every candidate
+                # the malloc setting train.py and sample.py make on CPU (runtime.keep_freed_memory), for every candidate
                 # alike: in one process they share the allocator, and without it a step's speed depends on which
                 # candidate ran before. prepare_dataset.py and convert_hf.py do not make it, so their sections run
                 # first. Setting it again is a no-op.
-                train.keep_freed_memory()
+                runtime.keep_freed_memory()
             t = time.perf_counter()
             print(f"[{name}] ...", file=sys.stderr, flush=True)
             try:

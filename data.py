@@ -18,8 +18,10 @@ import os
 import numpy as np
 import torch
 
+from errors import GPTLabError
 
-class DataError(ValueError):
+
+class DataError(GPTLabError, ValueError):
     """Dataset files that do not agree with each other or with the request: names the file and the fix."""
 
 
@@ -79,6 +81,10 @@ class Split:
         self.lengths = np.array([len(t) for t in self.tokens], dtype=np.int64)
         self.num_tokens = int(self.lengths.sum())
         self.vocab_size = int(meta["vocab_size"])
+        self.mask_tokens = None  # mask-1 tokens of the split (use_mask only): what the masked loss can train on
+        if use_mask:
+            recorded = meta["splits"][split].get("mask_tokens")
+            self.mask_tokens = recorded if recorded is not None else int(sum(int(m.sum()) for m in self.masks))
 
 
 class BatchLoader:

@@ -7,8 +7,8 @@ Sample from a trained model, or chat with it.
     python sample.py --model_name base_tiny --prompt "ROMEO:" --num_samples 3 --max_new_tokens 200 --top_k 50
 
 Tokens stream as they are generated (KV-cache decoding through engine.py; --num_samples N decodes the N samples
-as one batch, each with its own generator seeded --seed + i). A model trained with BOS zero training is sampled with the
-same first-position scaling; --no_bos_scaling / --bos_scaling_factor X override it.
+as one batch, each with its own generator seeded --seed + i). A model trained with BOS zero training is sampled
+with the same first-position scaling; --no_bos_scaling / --bos_scaling_factor X override it.
 """
 
 import argparse
@@ -18,8 +18,8 @@ import torch
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
+from runtime import autocast_context, keep_freed_memory, pick_dtype
 from tokenizer import TURN_STOPS, chat_prompt
-from train import autocast_context, keep_freed_memory, pick_dtype
 
 
 def parse_args(argv=None):
@@ -108,7 +108,8 @@ def main(argv=None):
     device_type = "cuda" if device.startswith("cuda") else device
     if device_type == "cpu":
         keep_freed_memory()  # as train.py does: no page faults on the big per-call buffers
-    sampler = Sampler(model, tok, ckpt, device, pick_dtype(args, device_type), max_batch_size=min(args.num_samples, 8))
+    dtype = pick_dtype(args.dtype, device_type)
+    sampler = Sampler(model, tok, ckpt, device, dtype, max_batch_size=min(args.num_samples, 8))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
     if model.config.use_bos_zero_training:

@@ -40,8 +40,8 @@ from starlette.exceptions import HTTPException
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
+from runtime import autocast_context, keep_freed_memory, pick_dtype
 from tokenizer import TURN_STOPS, chat_prompt
-from train import autocast_context, keep_freed_memory, pick_dtype
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")
 # OpenAI's roles -> the chat template's ("developer" is OpenAI's newer name for the system prompt)
@@ -517,7 +517,7 @@ def load(args):
     device_type = "cuda" if device.startswith("cuda") else device
     folder = os.path.dirname(name) if name.endswith(".pt") else name
     name = os.path.basename(os.path.normpath(folder)) or name  # a folder or .pt path: the model is its folder
-    return name, model, tok, ckpt, device, device_type, pick_dtype(args, device_type)
+    return name, model, tok, ckpt, device, device_type, pick_dtype(args.dtype, device_type)
 
 
 def main(argv=None):

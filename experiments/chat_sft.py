@@ -1,16 +1,17 @@
 """
 Chat SFT on the shipped sample conversations: does the model answer questions it never saw, and end its turn?
-And does loss masking help? (issue 3's experiment)
+And does loss masking help? (docs/chat_sft_experiment.md)
 
-    python experiments/chat_sft.py                  # trains configs/tiny_sft.json twice: masking on, masking off
-    python experiments/chat_sft.py --max_iters 500  # quicker, rougher
-    python experiments/chat_sft.py --context_chars 256   # the same conversations, each behind a passage of prose
+    python -m experiments.chat_sft                  # from the project root: tiny_sft.json twice, masking on and off
+    python -m experiments.chat_sft --max_iters 500  # quicker, rougher
+    python -m experiments.chat_sft --context_chars 256   # the same conversations, each behind a passage of prose
 
---context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice from
-../shared/corpora, or --context_file) in front of every conversation, the way a retrieved document or a long system
-prompt sits in front of real chats. The answers do not depend on it, so it is the prompt-heavy case: most tokens
-are prompt, and the unmasked run spends most of its training signal modelling them. Train and val conversations
-draw their passages from the first 90% of the file, the held-out questions from the last 10%.
+--context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice, Project
+Gutenberg eBook 1342, from --context_file; by default from ../shared/corpora, a folder of text corpora beside the
+project) in front of every conversation, the way a retrieved document or a long system prompt sits in front of
+real chats. The answers do not depend on it, so it is the prompt-heavy case: most tokens are prompt, and the
+unmasked run spends most of its training signal modelling them. Train and val conversations draw their passages from
+the first 90% of the file, the held-out questions from the last 10%.
 
 --pretrain_iters N first pretrains a base model on that prose (the same first 90%, the chat data's character
 vocabulary) for N steps, then runs both SFT runs from it with --init_from_model: the two-phase case, where the base
@@ -28,9 +29,11 @@ import os
 import random
 import sys
 
-import torch
+if __package__ in (None, ""):  # run as a file: experiments/, not the project root, would be on sys.path
+    sys.exit("error: run it from the project root as a module: python -m experiments.chat_sft")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
 from checkpoint import load_model  # noqa: E402
 from config import load_config  # noqa: E402
 from data import BatchLoader  # noqa: E402
