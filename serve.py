@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import html
 import json
+import math
 import os
 import queue
 import secrets
@@ -179,8 +180,8 @@ def number(body, key, default, low=None, high=None, low_open=False, integer=Fals
     if v is None:
         return default
     kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise bad(f"'{key}' must be {kind}, got {json.dumps(v)[:40]}", key, "invalid_type")
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v != v or v in (math.inf, -math.inf):
+        raise bad(f"'{key}' must be {kind}, got {json.dumps(v)[:40]}", key, "invalid_type")  # NaN too (json reads it)
     if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
         span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
         raise bad(f"'{key}' must lie in {span}, got {v}", key, "invalid_value")
@@ -305,8 +306,8 @@ class Service:
                           "use /v1/completions with a plain-text prompt", "messages", "model_not_chat")
             turns = chat_turns(body)
             ids = self.encode(lambda: chat_prompt(self.tok, turns), "messages")
-            limit = number(body, "max_completion_tokens", None, 1, integer=True)
-            limit = number(body, "max_tokens", None, 1, integer=True) if limit is None else limit
+            newer = number(body, "max_completion_tokens", None, 1, integer=True)  # OpenAI's newer name wins
+            limit = number(body, "max_tokens", None, 1, integer=True) if newer is None else newer
             default_limit, stop = self.block_size - len(ids), stop_strings(body) + TURN_STOPS
         else:
             prompt = body.get("prompt")

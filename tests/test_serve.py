@@ -254,6 +254,7 @@ def test_every_bad_input_is_a_4xx_in_openai_shape_and_the_server_keeps_serving(c
         ({"messages": [{"role": "user", "content": 5}]}, None, 400, "messages[0].content", []),
         ({"messages": msgs, "temperature": "hot"}, None, 400, "temperature", ["number"]),
         ({"messages": msgs, "temperature": -0.5}, None, 400, "temperature", ["-0.5"]),
+        (None, '{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400, "temperature", []),
         ({"messages": msgs, "top_p": 0}, None, 400, "top_p", []),
         ({"messages": msgs, "top_p": 1.5}, None, 400, "top_p", []),
         ({"messages": msgs, "max_tokens": 0}, None, 400, "max_tokens", []),
