@@ -14,8 +14,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from errors import GPTLabError
 
-class ConfigError(ValueError):
+
+class ConfigError(GPTLabError, ValueError):
     """A bad setting: the message names the key (and the file) and what would be valid."""
 
 
@@ -193,6 +195,8 @@ def read_settings(config_file, overrides, dataclass_type, missing_hint="presets 
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config_file}: not UTF-8 text (a config file is JSON)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{config_file}: must hold a JSON object of settings")
         sources.append((config_file, data))
