@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 import numpy as np
 from tqdm import tqdm
 
+from errors import InputError, MissingFileError, one_line_errors
 from tokenizer import ROLE_MARKERS, Tokenizer, render_chat
 
 BLOCK_BYTES = 1 << 20  # plain text is read and tokenized in blocks of about this size; JSONL in runs of lines
@@ -216,7 +217,7 @@ def input_kind(path, fmt):
     if ext == ".jsonl":
         return "jsonl"
     if fmt == "chat":
-        raise ValueError(f"{path}: --format chat needs a .jsonl file (one conversation per line) or a .json file "
+        raise InputError(f"{path}: --format chat needs a .jsonl file (one conversation per line) or a .json file "
                          f"(a list of conversations)")
     return "text"
 
@@ -316,8 +317,10 @@ def _record_chunks(file_idx, path, kind, block_bytes):
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json input must be one JSON list "
+                raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json input must be one JSON list "
                                  f"of records (or use .jsonl, one record per line)") from None
+            except UnicodeDecodeError:
+                raise InputError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
         size = os.path.getsize(path)
         for i, rec in enumerate(records):
             items.append((f"{path}: record {i + 1}", rec))
@@ -366,7 +369,7 @@ def _decode_block(chunk):
     try:
         return chunk["data"].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{chunk['path']}: byte {chunk['offset'] + e.start} is not UTF-8 text; convert the file to "
+        raise InputError(f"{chunk['path']}: byte {chunk['offset'] + e.start} is not UTF-8 text; convert the file to "
                          f"UTF-8") from None
 
 
@@ -377,12 +380,12 @@ def _load_record(where, payload, parsed):
         return json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise ValueError(f"{where}: not valid JSON ({msg}); each line of a JSONL file must be one JSON object") from None
+        raise InputError(f"{where}: not valid JSON ({msg}); each line of a JSONL file must be one JSON object") from None
 
 
 def _text_field(where, rec):
     if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-        raise ValueError(f'{where}: no "text" string field; --format text needs one {{"text": ...}} per line (use '
+        raise InputError(f'{where}: no "text" string field; --format text needs one {{"text": ...}} per line (use '
                          f'--format chat for conversations)')
     return rec["text"]
 
@@ -541,6 +544,14 @@ def _swap_in(tmp, out_dir):
     shutil.rmtree(old)
 
 
+def _make_dir(tmp, out_dir):
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # a read-only place, or a file where a parent folder should be
+        raise InputError(f"--out_dir {out_dir}: cannot create {tmp} beside it ({e.strerror}): choose a writable "
+                         f"folder") from None
+
+
 def _write_json(obj, path):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
@@ -553,34 +564,36 @@ def check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per
                chat_schema):
     """Refuse bad arguments before anything is read or written. Returns [(path, kind)] of the inputs."""
     if fmt not in ("text", "chat"):
-        raise ValueError(f"unknown --format {fmt!r}: use 'text' (documents) or 'chat' (conversations)")
+        raise InputError(f"unknown --format {fmt!r}: use 'text' (documents) or 'chat' (conversations)")
     if tokenization not in ("gpt2", "char"):
-        raise ValueError(f"unknown --tokenization {tokenization!r}: use 'gpt2' or 'char'")
+        raise InputError(f"unknown --tokenization {tokenization!r}: use 'gpt2' or 'char'")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val_fraction {val_fraction} is out of range: use a fraction in [0, 1), e.g. 0.1")
+        raise InputError(f"--val_fraction {val_fraction} is out of range: use a fraction in [0, 1), e.g. 0.1")
     if tokens_per_shard < 1:
-        raise ValueError(f"--tokens_per_shard {tokens_per_shard} must be at least 1")
+        raise InputError(f"--tokens_per_shard {tokens_per_shard} must be at least 1")
     if num_workers < 1:
-        raise ValueError(f"--num_workers {num_workers} must be at least 1")
+        raise InputError(f"--num_workers {num_workers} must be at least 1")
     if mask_role not in ROLE_MARKERS:
-        raise ValueError(f"unknown --mask_role {mask_role!r}: use one of {', '.join(ROLE_MARKERS)}")
+        raise InputError(f"unknown --mask_role {mask_role!r}: use one of {', '.join(ROLE_MARKERS)}")
     if chat_schema not in CHAT_SCHEMAS:
-        raise ValueError(f"unknown --chat_schema {chat_schema!r}: use one of {', '.join(CHAT_SCHEMAS)}")
+        raise InputError(f"unknown --chat_schema {chat_schema!r}: use one of {', '.join(CHAT_SCHEMAS)}")
     if not input_files:
-        raise ValueError("no --input_files given")
+        raise InputError("no --input_files given")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir {out_dir} exists and is not a folder: choose another --out_dir")
+        raise InputError(f"--out_dir {out_dir} exists and is not a folder: choose another --out_dir")
     # an existing out_dir is replaced whole: refuse anything that is not an earlier dataset (think --out_dir .)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and \
             not os.path.exists(os.path.join(out_dir, "dataset_metadata.json")):
-        raise ValueError(f"--out_dir {out_dir} exists and is not a dataset folder (no dataset_metadata.json), so it "
+        raise InputError(f"--out_dir {out_dir} exists and is not a dataset folder (no dataset_metadata.json), so it "
                          f"will not be replaced: choose a new folder or remove it")
     files = []
     for path in input_files:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: input file not found")
+            raise MissingFileError(f"{path}: input file not found")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"{path}: input file is empty")
+            raise InputError(f"{path}: input file is empty")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path}: input file is not readable (permission denied)")
         files.append((path, input_kind(path, fmt)))
     return files
 
@@ -591,7 +604,8 @@ def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=
     """Tokenize input_files into out_dir (layout in the module docstring). Returns the metadata dict it wrote.
     tokenizer_from: a dataset or model folder whose tokenizer_state.json to reuse instead of building one (so a
     char-level SFT set gets its base model's vocabulary); it sets the tokenization.
-    Raises ValueError / FileNotFoundError / RuntimeError with a one-line message; out_dir is then untouched."""
+    Bad input raises errors.InputError / MissingFileError (a ValueError / FileNotFoundError) with a one-line
+    message; out_dir is then untouched."""
     t0 = time.time()
     given_tok = None
     if tokenizer_from:
@@ -624,7 +638,7 @@ def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=
         tok = given_tok or Tokenizer.char_from_texts(["".join(sorted(chars))])
         missing = "".join(sorted(chars - set(tok.chars)))
         if missing:
-            raise ValueError(f"{', '.join(p for p, _ in files)}: {len(missing)} character(s) {missing[:30]!r} are not in "
+            raise InputError(f"{', '.join(p for p, _ in files)}: {len(missing)} character(s) {missing[:30]!r} are not in "
                              f"the vocabulary of {tokenizer_from}: remove them from the data, or prepare without "
                              f"--tokenizer_from (a new vocabulary, so a new model)")
     elif given_tok:
@@ -640,7 +654,7 @@ def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=
     t_tok = time.time()
     results = chunk_results(encode_chunk, tok.state_dict(), "tokenizing")
     try:
-        os.makedirs(tmp)
+        _make_dir(tmp, out_dir)
         skipped = write_splits(results, writers, files, fmt, val_fraction, seed, verbose)
         seconds = time.time() - t_tok
         meta = metadata(tok, fmt, tokenization, writers, skipped, files, args)
@@ -725,11 +739,11 @@ def _check_file_usable(path, fmt, usable, skipped):
     if usable:
         return
     if not skipped:
-        raise ValueError(f"{path}: no usable record (the file holds only blank lines)")
+        raise InputError(f"{path}: no usable record (the file holds only blank lines)")
     reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common(3))
     hint = ("; chat records need OpenAI 'messages', ShareGPT 'conversations', Alpaca 'instruction'/'output' or "
             "'prompt'/'completion', with an assistant answer") if fmt == "chat" else ""
-    raise ValueError(f"{path}: no usable record ({reasons}){hint}")
+    raise InputError(f"{path}: no usable record ({reasons}){hint}")
 
 
 def summary(meta, out_dir, tokenize_seconds, total_seconds):
@@ -754,6 +768,7 @@ def summary(meta, out_dir, tokenize_seconds, total_seconds):
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize text or chat files into shards for train.py.")
     p.add_argument("--input_files", nargs="+", required=True, help=".txt (or any plain text), .jsonl or .json files")
@@ -778,9 +793,6 @@ def main(argv=None):
         prepare(a.input_files, a.out_dir, a.tokenization, a.fmt, a.val_fraction, a.tokens_per_shard, a.seed,
                 a.num_workers, a.mask_role, a.chat_schema, a.train_on_prompt, a.mask_history, a.hf_dir, verbose=True,
                 tokenizer_from=a.tokenizer_from)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 1

@@ -43,6 +43,7 @@ import lora
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
 from config import ConfigError, read_settings
 from data import DataError
+from errors import MissingFileError
 from model import KVCache, LayerNorm, cross_entropy_loss, sample_next
 from prepare_dataset import conversation_turns
 from tokenizer import chat_prompt
@@ -401,18 +402,22 @@ def parse_record(rec, where):
 def read_examples(path):
     """A JSONL file -> [example, ...] (parse_record); any bad line is an error naming file:line."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: training file not found (python data/make_scaffold_toy.py writes the toy set)")
+        raise MissingFileError(f"{path}: training file not found (python data/make_scaffold_toy.py writes the toy set)")
     examples = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            examples.append(parse_record(rec, where))
+        try:
+            lines = list(enumerate(f, 1))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        examples.append(parse_record(rec, where))
     if not examples:
         raise DataError(f"{path}: no records (expected one JSON object per line)")
     return examples
