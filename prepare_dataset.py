@@ -33,6 +33,7 @@ import time
 from collections import Counter, deque
 from contextlib import closing
 from datetime import datetime, timezone
+from typing import Callable, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -41,15 +42,7 @@ from errors import InputError, MissingFileError, one_line_errors
 from tokenizer import ROLE_MARKERS, Tokenizer, render_chat
 
 BLOCK_BYTES = 1 << 20  # plain text is read and tokenized in blocks of about this size; JSONL in runs of lines
-CHAT_SCHEMAS = ("auto", "openai", "sharegpt", "alpaca", "prompt_completion")
 SHOW_SKIPPED = 5  # the first few skipped records are reported with file:line
-
-# the roles each schema may use, mapped onto the template's roles (tokenizer.ROLE_MARKERS)
-OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                "tool": "tool", "function": "tool"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "function_call": "assistant",  # LLaMA-Factory tool data: the model's call, trained like its text
-                  "observation": "tool", "tool": "tool"}  # tool results: context the model reads, never trained
 
 
 def token_dtype(vocab_size):
@@ -90,16 +83,12 @@ def _content_text(content):
     return None
 
 
-def detect_schema(rec):
-    if "messages" in rec:
-        return "openai"
-    if "conversations" in rec:
-        return "sharegpt"
-    if "instruction" in rec:
-        return "alpaca"
-    if "prompt" in rec and "completion" in rec:
-        return "prompt_completion"
-    return None
+# each schema's roles, mapped onto the template's roles (tokenizer.ROLE_MARKERS)
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant",  # LLaMA-Factory tool data: the model's call, trained like its text
+                  "observation": "tool", "tool": "tool"}  # tool results: context the model reads, never trained
 
 
 def _openai_turns(rec):
@@ -175,8 +164,27 @@ def _prompt_completion_turns(rec):
     return [("user", rec["prompt"]), ("assistant", rec["completion"])], None
 
 
-SCHEMA_KEYS = {"openai": "messages", "sharegpt": "conversations", "alpaca": "instruction",
-               "prompt_completion": "prompt"}
+class ChatSchema(NamedTuple):
+    keys: tuple  # a record holding all of these is of this schema; a record forced to it must hold keys[0]
+    turns: Callable  # record -> ([(role, content), ...], None), or (None, why the record is unusable)
+    described: str  # how the "no usable record" hint names it
+
+
+# The one table of chat schemas, in detection order (a record with both "messages" and "prompt" is OpenAI's).
+# --chat_schema's choices and help, detection, the check of a forced schema and the error hint are read from it;
+# scaffold.py parses its chat records through it too. A new schema is one parser above and one row here.
+CHAT_SCHEMAS = {
+    "openai": ChatSchema(("messages",), _openai_turns, "OpenAI 'messages'"),
+    "sharegpt": ChatSchema(("conversations",), _sharegpt_turns, "ShareGPT 'conversations'"),
+    "alpaca": ChatSchema(("instruction",), _alpaca_turns, "Alpaca 'instruction'/'output'"),
+    "prompt_completion": ChatSchema(("prompt", "completion"), _prompt_completion_turns, "'prompt'/'completion'"),
+}
+SCHEMA_CHOICES = ("auto", *CHAT_SCHEMAS)  # --chat_schema
+
+
+def detect_schema(rec):
+    """The name of the first schema whose keys the record holds, or None."""
+    return next((name for name, s in CHAT_SCHEMAS.items() if all(k in rec for k in s.keys)), None)
 
 
 def conversation_turns(rec, schema="auto"):
@@ -187,12 +195,11 @@ def conversation_turns(rec, schema="auto"):
     if schema == "auto":
         schema = detect_schema(rec)
         if schema is None:
-            return None, "unknown schema (no messages/conversations/instruction/prompt+completion)"
-    elif SCHEMA_KEYS[schema] not in rec:
-        return None, f"no '{SCHEMA_KEYS[schema]}' field"
-    convert = {"openai": _openai_turns, "sharegpt": _sharegpt_turns, "alpaca": _alpaca_turns,
-               "prompt_completion": _prompt_completion_turns}[schema]
-    turns, reason = convert(rec)
+            known = "/".join("+".join(s.keys) for s in CHAT_SCHEMAS.values())
+            return None, f"unknown schema (no {known})"
+    elif CHAT_SCHEMAS[schema].keys[0] not in rec:
+        return None, f"no '{CHAT_SCHEMAS[schema].keys[0]}' field"
+    turns, reason = CHAT_SCHEMAS[schema].turns(rec)
     if reason:
         return None, reason
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
@@ -575,8 +582,8 @@ def check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per
         raise InputError(f"--num_workers {num_workers} must be at least 1")
     if mask_role not in ROLE_MARKERS:
         raise InputError(f"unknown --mask_role {mask_role!r}: use one of {', '.join(ROLE_MARKERS)}")
-    if chat_schema not in CHAT_SCHEMAS:
-        raise InputError(f"unknown --chat_schema {chat_schema!r}: use one of {', '.join(CHAT_SCHEMAS)}")
+    if chat_schema not in SCHEMA_CHOICES:
+        raise InputError(f"unknown --chat_schema {chat_schema!r}: use one of {', '.join(SCHEMA_CHOICES)}")
     if not input_files:
         raise InputError("no --input_files given")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -741,8 +748,8 @@ def _check_file_usable(path, fmt, usable, skipped):
     if not skipped:
         raise InputError(f"{path}: no usable record (the file holds only blank lines)")
     reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common(3))
-    hint = ("; chat records need OpenAI 'messages', ShareGPT 'conversations', Alpaca 'instruction'/'output' or "
-            "'prompt'/'completion', with an assistant answer") if fmt == "chat" else ""
+    *most, last = (s.described for s in CHAT_SCHEMAS.values())
+    hint = f"; chat records need {', '.join(most)} or {last}, with an assistant answer" if fmt == "chat" else ""
     raise InputError(f"{path}: no usable record ({reasons}){hint}")
 
 
@@ -781,7 +788,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seeds which records go to val")
     p.add_argument("--num_workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--mask_role", default="assistant", help="chat: the role whose text is trained on")
-    p.add_argument("--chat_schema", default="auto", help="auto | openai | sharegpt | alpaca | prompt_completion")
+    p.add_argument("--chat_schema", default="auto", help=" | ".join(SCHEMA_CHOICES))
     p.add_argument("--train_on_prompt", action="store_true", help="chat: train on every token, not just answers")
     p.add_argument("--mask_history", action="store_true", help="chat: train only on the last assistant turn")
     p.add_argument("--hf_dir", default=None, help="gpt2: BPE from this Hugging Face folder's vocab.json + merges.txt")
