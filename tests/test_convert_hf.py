@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
 import convert_hf  # noqa: E402
 from conftest import make_hf_gpt2  # noqa: E402
+from hf import write_gpt2_tokenizer_files  # noqa: E402
 import lora  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -189,7 +190,7 @@ def test_gpt2_tokenizer_files_are_gpt2s_own_and_encode_like_tiktoken(tmp_path):
     if not encoder_json.exists():
         pytest.skip("shared tiktoken cache not found")
     tiktoken_tok = Tokenizer("gpt2")
-    convert_hf.write_gpt2_tokenizer_files(tiktoken_tok, str(tmp_path))
+    write_gpt2_tokenizer_files(tiktoken_tok, str(tmp_path))
     # rebuilt from tiktoken's ranks, the files are byte for byte GPT-2's released encoder.json / vocab.bpe
     assert (tmp_path / "vocab.json").read_bytes() == encoder_json.read_bytes()
     assert (tmp_path / "merges.txt").read_bytes() == vocab_bpe.read_bytes()
@@ -209,7 +210,7 @@ def test_tokenizer_comes_from_the_dir_when_it_has_files(tmp_path):
     hf = make_hf(vocab_size=50257, n_embd=8, n_layer=1, n_head=1, n_positions=16)
     d = save_hf(hf, tmp_path / "hf", "safetensors")
     assert convert_hf.load_hf_gpt2(str(d))[1].hf_dir is None  # no files: tiktoken's gpt2
-    convert_hf.write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
+    write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
     model, tok = convert_hf.load_hf_gpt2(str(d))
     assert tok.hf_dir == str(d) and tok.vocab_size == 50257 and model.config.vocab_size == 50304
     (d / "merges.txt").unlink()
@@ -328,7 +329,7 @@ def test_cli_convert_then_export_end_to_end(tmp_path):
 
     hf = make_hf(vocab_size=50257, n_embd=16, n_layer=2, n_head=2, n_positions=32)
     d = save_hf(hf, tmp_path / "hf", "safetensors")
-    convert_hf.write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
+    write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
     ckpts = tmp_path / "ckpts"
 
     r = run_cli("--hf_dir", str(d), "--model_name", "tiny", "--out_dir", str(ckpts), cwd=tmp_path)
@@ -364,7 +365,9 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, good_dir, capsys):
     ]
     for argv, message in cases:
         capsys.readouterr()
-        assert convert_hf.main(argv) == 1, argv
+        with pytest.raises(SystemExit) as e:  # errors.one_line_errors: `error: ...` and exit status 1
+            convert_hf.main(argv)
+        assert e.value.code == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert convert_hf.main(["--hf_dir", str(good_dir), "--model_name", "m", *ckpts, "--overwrite"]) == 0
