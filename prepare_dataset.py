@@ -50,7 +50,7 @@ def token_dtype(vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# chat records -> [(role, content), ...]
+# chat records -> [(role, content), ...]: a parser per schema, then the table of schemas (CHAT_SCHEMAS)
 
 def tool_calls_text(calls):
     """OpenAI assistant "tool_calls" as the assistant's text: the JSON of {"name", "arguments"} (one call) or a
