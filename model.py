@@ -311,14 +311,7 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and norms.
-        Only parameters that require grad are optimised (LoRA freezes the rest)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type in ("cuda", "cpu")  # one kernel, not ~10 ops per tensor: 3-7x faster step on CPU
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return configure_adamw(self.parameters(), weight_decay, learning_rate, betas, device_type)
 
     def estimate_mfu(self, tokens_per_second, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (PaLM appendix B formula)."""
@@ -381,6 +374,18 @@ class GPT(nn.Module):
         """Like nanoGPT's generate: returns (B, T + n) ids, prompt included (n < max_new_tokens if all rows stop)."""
         out = [idx] + [t[:, None] for t in self.generate_stream(idx, max_new_tokens, **kwargs)]
         return torch.cat(out, dim=1)
+
+
+def configure_adamw(parameters, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and norms.
+    Only parameters that require grad are optimised (LoRA freezes the rest). GPT.configure_optimizers and the
+    scaffold's fused model (scaffold.py) both build their optimizer here."""
+    params = [p for p in parameters if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type in ("cuda", "cpu")  # one kernel, not ~10 ops per tensor: 3-7x faster step on CPU
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
