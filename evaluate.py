@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, latest_model_name, load_model, model_dir
 from data import Split, read_metadata
 from errors import GPTLabError, MissingFileError, one_line_errors
+from runtime import pick_device
 from sample import Sampler
 from tokenizer import Tokenizer, chat_prompt
 
@@ -296,7 +297,7 @@ def samples(model, tok, ckpt, args, device, settings):
 
 def run(args, log=print):
     """Everything evaluate.py measures, as a dict (what --json writes)."""
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     sweep = parse_sweep(args.sweep) if args.sweep else []
     if args.scaling_factor is not None:
         check_factor(args.scaling_factor, "--scaling_factor")
