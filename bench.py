@@ -49,6 +49,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from errors import GPTLabError, one_line_errors  # noqa: E402
+
 SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "sample", "serve", "lora_memory")
 NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
 EXTRA_SECTIONS = ("compile_tiny", "train_gpu")  # opt-in: torch.compile on CPU (slow to compile), GPU only
@@ -60,8 +62,8 @@ GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
 HF_SETTINGS = (("float32", "sdpa"), ("bfloat16", "sdpa"), ("float32", "eager"), ("bfloat16", "eager"))
 
 
-class BenchError(RuntimeError):
-    pass
+class BenchError(GPTLabError, RuntimeError):
+    """A section that cannot run here (no corpus, no GPU) or a measurement process that failed."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -931,6 +933,7 @@ def details(results):
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=",".join(SECTIONS),
@@ -951,8 +954,7 @@ def main(argv=None):
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS + EXTRA_SECTIONS]
     if unknown:
-        print(f"error: unknown section '{unknown[0]}': choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}", file=sys.stderr)
-        sys.exit(1)
+        raise BenchError(f"unknown section '{unknown[0]}': choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}")
     sections.sort(key=(SECTIONS + EXTRA_SECTIONS).index)  # the sections without models first (see the loop)
     import platform
     header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
@@ -971,11 +973,7 @@ def main(argv=None):
                 runtime.keep_freed_memory()
             t = time.perf_counter()
             print(f"[{name}] ...", file=sys.stderr, flush=True)
-            try:
-                r, res = globals()[f"section_{name}"](ws, args)
-            except BenchError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(1)
+            r, res = globals()[f"section_{name}"](ws, args)
             res["seconds"] = time.perf_counter() - t
             rows += r
             results[name] = res

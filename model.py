@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from errors import InputError
+
 
 @dataclass
 class GPTConfig:
@@ -266,7 +268,7 @@ class GPT(nn.Module):
             return self._embed_rows(idx, start_pos)
         T = idx.size(1)
         if start_pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {start_pos + T} tokens is longer than the model's block_size "
+            raise InputError(f"sequence of {start_pos + T} tokens is longer than the model's block_size "
                              f"{self.config.block_size}")
         pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)

@@ -18,6 +18,7 @@ import torch
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
+from errors import InputError, one_line_errors
 from runtime import autocast_context, keep_freed_memory, pick_dtype
 from tokenizer import TURN_STOPS, chat_prompt
 
@@ -81,29 +82,26 @@ class Sampler:
         return self.stream(chat_prompt(self.tok, turns), max_new_tokens, stop_at_eot=True, out=out, **kw).strip()
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        name = args.model_name or latest_model_name(args.out_dir)
-        if name is None:
-            raise CheckpointError(f"no trained model in {args.out_dir}/: train one first, e.g. "
-                                  f"python train.py --config_file configs/tiny_sft.json")
-        if not args.model_name:
-            print(f"[sampling from '{name}', the model trained last; choose another with --model_name]", file=sys.stderr)
-        model, tok, ckpt = load_model(name, args.out_dir, device, prefer="best.pt" if args.checkpoint == "best" else "ckpt.pt")
-        if args.bos_scaling_factor is not None:
-            if not 0.0 <= args.bos_scaling_factor <= 1.0:
-                raise ValueError(f"--bos_scaling_factor {args.bos_scaling_factor} must lie in [0, 1]")
-            model.config.use_bos_zero_training = True
-            model.config.bos_scaling_factor = args.bos_scaling_factor
-        if args.no_bos_scaling:
-            model.config.use_bos_zero_training = False
-        if args.num_samples < 1 or args.max_new_tokens < 1:
-            raise ValueError("--num_samples and --max_new_tokens must be >= 1")
-    except (CheckpointError, ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    name = args.model_name or latest_model_name(args.out_dir)
+    if name is None:
+        raise CheckpointError(f"no trained model in {args.out_dir}/: train one first, e.g. "
+                              f"python train.py --config_file configs/tiny_sft.json")
+    if not args.model_name:
+        print(f"[sampling from '{name}', the model trained last; choose another with --model_name]", file=sys.stderr)
+    model, tok, ckpt = load_model(name, args.out_dir, device, prefer="best.pt" if args.checkpoint == "best" else "ckpt.pt")
+    if args.bos_scaling_factor is not None:
+        if not 0.0 <= args.bos_scaling_factor <= 1.0:
+            raise InputError(f"--bos_scaling_factor {args.bos_scaling_factor} must lie in [0, 1]")
+        model.config.use_bos_zero_training = True
+        model.config.bos_scaling_factor = args.bos_scaling_factor
+    if args.no_bos_scaling:
+        model.config.use_bos_zero_training = False
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise InputError("--num_samples and --max_new_tokens must be >= 1")
 
     device_type = "cuda" if device.startswith("cuda") else device
     if device_type == "cpu":

@@ -49,12 +49,11 @@ from config import ConfigError, parse_cli, read_settings
 from data import DataError
 from errors import GPTLabError, InputError, MissingFileError, first_line, one_line_errors
 from model import KVCache, LayerNorm, configure_adamw, cross_entropy_loss, sample_next
-from prepare_dataset import conversation_turns
+from prepare_dataset import CHAT_SCHEMAS, conversation_turns, detect_schema
 from runtime import MetricsLog, autocast_context, device_type_of, get_lr, pick_device, pick_dtype, stop_signals
 from tokenizer import chat_prompt
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scaffold.json")
-CHAT_KEYS = ("messages", "conversations", "instruction")  # a record with one of these is a chat record
 REPEAT_NGRAM = 3  # generation stops at the first immediately repeated 3-gram ("a b c a b c") and cuts the repeat
 
 
@@ -393,34 +392,39 @@ def parse_record(rec, where):
     the other None."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: not a JSON object; each line needs {{\"prompt\": ..., \"completion\": ...}}")
-    if any(k in rec for k in CHAT_KEYS):
-        turns, reason = conversation_turns(rec)
+    schema = detect_schema(rec)  # prepare_dataset's chat schemas, but a prompt/completion pair is plain text here
+    if schema not in (None, "prompt_completion"):
+        turns, reason = conversation_turns(rec, schema)
         if reason:
             raise DataError(f"{where}: unusable chat record ({reason}); fix or remove the line")
         return {"where": where, "prompt": None, "turns": turns[:-1], "completion": turns[-1][1]}
     missing = [k for k in ("prompt", "completion") if not isinstance(rec.get(k), str)]
     if missing:
+        chat_keys = " / ".join(s.keys[0] for name, s in CHAT_SCHEMAS.items() if name != "prompt_completion")
         raise DataError(f"{where}: record has no {' and no '.join(repr(k) for k in missing)} string; each line needs "
-                        f"{{\"prompt\": ..., \"completion\": ...}} (or a chat record with messages / conversations / "
-                        f"instruction)")
+                        f"{{\"prompt\": ..., \"completion\": ...}} (or a chat record with {chat_keys})")
     return {"where": where, "prompt": rec["prompt"], "turns": None, "completion": rec["completion"]}
 
 
 def read_examples(path):
     """A JSONL file -> [example, ...] (parse_record); any bad line is an error naming file:line."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: training file not found (python data/make_scaffold_toy.py writes the toy set)")
+        raise MissingFileError(f"{path}: training file not found (python data/make_scaffold_toy.py writes the toy set)")
     examples = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            examples.append(parse_record(rec, where))
+        try:
+            lines = list(enumerate(f, 1))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        examples.append(parse_record(rec, where))
     if not examples:
         raise DataError(f"{path}: no records (expected one JSON object per line)")
     return examples

@@ -41,7 +41,8 @@ from starlette.exceptions import HTTPException
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
-from runtime import autocast_context, keep_freed_memory, pick_dtype
+from errors import InputError, one_line_errors
+from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype
 from tokenizer import TURN_STOPS, chat_prompt
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")
@@ -180,8 +181,9 @@ def number(body, key, default, low=None, high=None, low_open=False, integer=Fals
     if v is None:
         return default
     kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v != v or v in (math.inf, -math.inf):
-        raise bad(f"'{key}' must be {kind}, got {json.dumps(v)[:40]}", key, "invalid_type")  # NaN too (json reads it)
+    not_finite = isinstance(v, float) and not math.isfinite(v)  # json.loads reads NaN and Infinity
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not_finite:
+        raise bad(f"'{key}' must be {kind}, got {json.dumps(v)[:40]}", key, "invalid_type")
     if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
         span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
         raise bad(f"'{key}' must lie in {span}, got {v}", key, "invalid_value")
@@ -504,15 +506,15 @@ def build_app(service, decode):
 
 def load(args):
     """(name, model, tokenizer, checkpoint, device, device type, dtype), loaded as sample.py loads them."""
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     name = args.model_name or latest_model_name(args.out_dir)
     if name is None:
         raise CheckpointError(f"no trained model in {args.out_dir}/: train one first, e.g. "
                               f"python train.py --config_file configs/tiny_sft.json")
     if args.max_batch_size < 1:
-        raise ValueError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
+        raise InputError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
+        raise InputError(f"--port must lie in [0, 65535], got {args.port}")
     prefer = "best.pt" if args.checkpoint == "best" else "ckpt.pt"
     model, tok, ckpt = load_model(name, args.out_dir, device, prefer=prefer)
     device_type = "cuda" if device.startswith("cuda") else device
@@ -521,16 +523,24 @@ def load(args):
     return name, model, tok, ckpt, device, device_type, pick_dtype(args.dtype, device_type)
 
 
+def listen(host, port):
+    """A socket bound to host:port (port 0: any free one), made here so the URL printed is the real one."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # address in use, a host name that does not resolve, a port below 1024 without root
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --host or --port)") \
+            from None
+    return sock
+
+
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        name, model, tok, ckpt, device, device_type, dtype = load(args)
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
-    except (CheckpointError, ValueError, RuntimeError, FileNotFoundError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
+    name, model, tok, ckpt, device, device_type, dtype = load(args)
+    sock = listen(args.host, args.port)
     if device_type == "cpu":
         keep_freed_memory()  # as sample.py does
     engine = Engine(model, tok, args.max_batch_size, autocast=lambda: autocast_context(device_type, dtype))

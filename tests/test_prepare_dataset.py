@@ -185,6 +185,21 @@ def test_chat_json_list_file_and_forced_schema(tmp_path):
     assert meta["conversations"] == 1 and meta["skipped"] == {"no 'instruction' field": 1}
 
 
+def test_one_table_of_schemas_drives_detection_and_forcing():
+    """Every schema in prepare_dataset.CHAT_SCHEMAS is detected from its own record and can be forced on it; a
+    forced schema on another schema's record names the key it lacks."""
+    assert prepare_dataset.SCHEMA_CHOICES == ("auto", *prepare_dataset.CHAT_SCHEMAS)
+    for name, schema in prepare_dataset.CHAT_SCHEMAS.items():
+        record, turns = CHAT_CASES[name]
+        assert prepare_dataset.detect_schema(record) == name
+        assert prepare_dataset.conversation_turns(record, name) == prepare_dataset.conversation_turns(record) == (turns, None)
+        other = CHAT_CASES["openai" if name != "openai" else "sharegpt"][0]
+        assert prepare_dataset.conversation_turns(other, name) == (None, f"no '{schema.keys[0]}' field")
+    # prompt without completion: not detected as prompt/completion, but forcing it says what is wrong
+    assert prepare_dataset.conversation_turns({"prompt": "x"})[1].startswith("unknown schema (no messages/")
+    assert prepare_dataset.conversation_turns({"prompt": "x"}, "prompt_completion") == (None, "content is not text")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # text
 
@@ -331,6 +346,28 @@ def test_tokenizer_from_reuses_a_base_vocabulary(tmp_path):
     assert r.returncode == 1 and "bad.jsonl: 3 character(s) 'Zbq' are not in the vocabulary of" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     _untouched(out)
+
+
+def test_os_level_bad_paths_are_one_line_errors(tmp_path):
+    """Paths the operating system refuses (a file where a folder should be) are named in one line, as other bad
+    input is; nothing is written."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "one"}, {"text": "two"}])
+    cases = [(["--out_dir", str(tmp_path / "docs.jsonl" / "ds")], "docs.jsonl/ds: cannot create"),
+             (["--out_dir", str(tmp_path / "ds"), "--tokenizer_from", src], "tokenizer_state.json not found")]
+    for extra, expect in cases:
+        r = run_cli("--input_files", src, "--tokenization", "char", *extra)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and expect in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
+    """Only the project's own errors become one line: anything else (a bug, a library's failure) propagates."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug somewhere inside")
+    monkeypatch.setattr(prepare_dataset, "prepare", broken)
+    with pytest.raises(RuntimeError, match="a bug somewhere inside"):
+        prepare_dataset.main(["--input_files", "x.txt", "--out_dir", str(tmp_path / "ds")])
 
 
 def test_a_folder_that_is_not_a_dataset_is_never_replaced(tmp_path):

@@ -300,6 +300,19 @@ def test_chat_records_mask_only_the_reply(tmp_path):
         assert sids == ids[:len(sids)] and len(sids) == mask.index(1)  # the scaffold reads exactly the prompt
 
 
+def test_every_chat_schema_is_a_chat_record_and_prompt_completion_is_plain(tmp_path):
+    """scaffold.py reads chat records through prepare_dataset's table of schemas: ShareGPT and Alpaca records are
+    chat like OpenAI's; a prompt/completion pair stays plain text."""
+    records = [{"conversations": [{"from": "human", "value": "ab"}, {"from": "gpt", "value": "bc"}]},
+               {"instruction": "ab", "output": "bc"},
+               {"prompt": "ab=", "completion": "bc"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    sharegpt, alpaca, plain = scaffold.read_examples(str(path))
+    assert sharegpt["turns"] == alpaca["turns"] == [("user", "ab")] and sharegpt["completion"] == alpaca["completion"] == "bc"
+    assert plain["turns"] is None and plain["prompt"] == "ab="
+
+
 def test_hf_gpt2_directory_as_scaffold(tmp_path, models):
     make_hf_gpt2(tmp_path / "hf", vocab_size=64, n_positions=32, n_embd=24, n_layer=2, n_head=2)
     assert scaffold.is_hf_dir(str(tmp_path / "hf")) and not scaffold.is_hf_dir(os.path.join(models, "base"))

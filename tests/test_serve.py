@@ -343,7 +343,8 @@ def test_200_requests_from_16_concurrent_clients(chat_server, alone):
 
 def test_bad_command_lines_are_one_line_errors(chat_model, tmp_path):
     for args, words in ((["--model_name", "nope"], "no checkpoint for model 'nope'"),
-                        (["--model_name", "chat", "--max_batch_size", "0"], "--max_batch_size must be >= 1")):
+                        (["--model_name", "chat", "--max_batch_size", "0"], "--max_batch_size must be >= 1"),
+                        (["--model_name", "chat", "--host", "256.1.1.1"], "cannot listen on 256.1.1.1:8000")):
         r = run_cli("serve.py", "--out_dir", chat_model, *args, env=ONE_THREAD, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and words in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
