@@ -19,7 +19,7 @@ import torch
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
 from errors import InputError, one_line_errors
-from runtime import autocast_context, keep_freed_memory, pick_dtype
+from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype
 from tokenizer import TURN_STOPS, chat_prompt
 
 
@@ -85,7 +85,7 @@ class Sampler:
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     name = args.model_name or latest_model_name(args.out_dir)
     if name is None:
         raise CheckpointError(f"no trained model in {args.out_dir}/: train one first, e.g. "

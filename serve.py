@@ -31,7 +31,6 @@ import traceback
 import uuid
 from contextlib import asynccontextmanager
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
