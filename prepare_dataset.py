@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from errors import InputError, MissingFileError, one_line_errors
-from tokenizer import ROLE_MARKERS, Tokenizer, render_chat
+from tokenizer import ROLE_MARKERS, Tokenizer, content_text, render_chat
 
 PARQUET_MAGIC = b"PAR1"
 BLOCK_BYTES = 1 << 20  # plain text is read and tokenized in blocks of about this size; JSONL in runs of lines
@@ -75,19 +75,6 @@ def tool_calls_text(calls):
     return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
 
 
-def _content_text(content):
-    """A message's content as text: a string, None (an assistant turn that only calls tools), or OpenAI's list of
-    {"type": "text", "text": ...} parts. Anything else (images, numbers) -> None: the record is skipped."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
-        return "".join(p["text"] for p in content)
-    return None
-
-
 # each schema's roles, mapped onto the template's roles (tokenizer.ROLE_MARKERS)
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                 "tool": "tool", "function": "tool"}
@@ -107,7 +94,7 @@ def _openai_turns(rec):
         role = m.get("role")
         if role not in OPENAI_ROLES:
             return None, f"unknown role {role!r}"
-        text = _content_text(m.get("content"))
+        text = content_text(m.get("content"))  # None (images, numbers): the record is skipped
         if text is None:
             return None, "content is not text"
         calls = m.get("tool_calls") or ([m["function_call"]] if m.get("function_call") else None)

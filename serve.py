@@ -42,7 +42,7 @@ from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
 from errors import InputError, one_line_errors
 from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype
-from tokenizer import TURN_STOPS, chat_prompt
+from tokenizer import TURN_STOPS, chat_prompt, content_text
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")
 # OpenAI's roles -> the chat template's ("developer" is OpenAI's newer name for the system prompt)
@@ -224,14 +224,11 @@ def unsupported(body):
 
 
 def message_text(m, i):
+    """A message's content read as training records are (tokenizer.content_text); null only for an assistant."""
     c = m.get("content")
-    if c is None and m["role"] == "assistant":
-        return ""
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                   for p in c):
-        return "".join(p["text"] for p in c)
+    text = content_text(c) if c is not None or m["role"] == "assistant" else None
+    if text is not None:
+        return text
     raise bad(f"messages[{i}].content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts",
               f"messages[{i}].content", "invalid_type")
 

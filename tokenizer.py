@@ -62,6 +62,20 @@ def render_chat(tok, turns, mask_role="assistant", train_on_prompt=False, mask_h
     return ids, mask
 
 
+def content_text(content):
+    """An OpenAI-style message's content as text: a string, None (an assistant turn that only calls tools: ""), or
+    a list of {"type": "text", "text": ...} parts. Anything else (images, numbers) -> None. prepare_dataset.py reads
+    training records with it and serve.py requests, so both see a message alike."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):
+        return "".join(p["text"] for p in content)
+    return None
+
+
 def chat_prompt(tok, turns):
     """Token ids that ask the model for the next assistant turn: BOS, the history, then the assistant marker."""
     ids, _ = render_chat(tok, turns)
