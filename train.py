@@ -31,14 +31,14 @@ import lora
 import mezo
 from checkpoint import CheckpointError, atomic_save, build_model, find_checkpoint, load_checkpoint, model_dir
 from config import ConfigError, config_dict, load_config, parse_cli
-from data import BatchLoader, DataError, read_metadata
+from data import BatchLoader, DataError, PackedLoader, model_inputs, read_metadata
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_chat")
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 RESUME_KEYS = ARCH_KEYS + ("block_size", "finetuning_type", "lora_rank", "lora_target", "trainer",
-                           "use_bos_zero_training", "bos_scaling_factor", "init_from_model")
+                           "use_bos_zero_training", "bos_scaling_factor", "init_from_model", "packing")
 
 
 class TrainError(RuntimeError):
@@ -187,7 +187,8 @@ def resolve_dataset(cfg, log):
     """The dataset folder; with none given, the project's shipped sample conversations (prepared on first use)."""
     if cfg.dataset_dir:
         return cfg.dataset_dir
-    if not os.path.exists(os.path.join(SAMPLE_DATASET, "dataset_metadata.json")):
+    meta_path = os.path.join(SAMPLE_DATASET, "dataset_metadata.json")
+    if not os.path.exists(meta_path) or (cfg.packing and not read_metadata(SAMPLE_DATASET).get("has_starts")):
         import prepare_dataset
         log(f"no --dataset_dir: preparing the shipped sample conversations into {SAMPLE_DATASET}")
         prepare_dataset.prepare([SAMPLE_DATASET + ".jsonl"], SAMPLE_DATASET, tokenization="char", fmt="chat")
@@ -288,9 +289,9 @@ def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=No
                 # loss_only: the (B, T, V) logits are never built whole (model.ChunkedCrossEntropy), the largest
                 # memory saving of a GPT-2 step
                 _, loss_sum = model(batch[0], batch[1], batch[2] if use_loss_mask else None, loss_reduction="sum",
-                                    loss_only=True)
+                                    loss_only=True, **model_inputs(batch))
             (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
-        count_total = count_total + (batch[2].sum().float() if use_loss_mask else float(batch[1].numel()))
+        count_total = count_total + (batch[2].sum().float() if use_loss_mask else (batch[1] != -1).sum().float())
         loss_sum_total = loss_sum_total + loss_sum.detach().float()
         batch = following
     device = next(model.parameters()).device
@@ -472,9 +473,18 @@ def _train(cfg, log):
     loader_args = dict(batch_size=cfg.batch_size, block_size=cfg.block_size, device=device, use_mask=cfg.use_loss_mask,
                        prepend_bos=cfg.use_bos_zero_training, bos_token=tok.eot_token,
                        model_vocab_size=model.config.vocab_size)
-    train_loader = BatchLoader(dataset_dir, "train", seed=cfg.seed, rank=rank, **loader_args)
+    packed_args = {k: v for k, v in loader_args.items() if k != "prepend_bos"}  # a packed row starts at a BOS
+
+    def make_loader(split, seed, accum=1):
+        if cfg.packing:  # whole conversations per row: the same plan on every rank, each taking its own rows
+            return PackedLoader(dataset_dir, split, seed=seed, rank=rank, world=world, accum=accum, **packed_args)
+        return BatchLoader(dataset_dir, split, seed=seed, rank=rank, **loader_args)
+    train_loader = make_loader("train", cfg.seed, cfg.gradient_accumulation_steps)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     steps_per_epoch = max(1, math.ceil(train_loader.data.num_tokens / tokens_per_step))
+    if cfg.packing:  # a real pass over every conversation; XGBLoRA's epoch merges count these
+        steps_per_epoch = train_loader.steps_per_epoch
+        log(train_loader.summary())
     log(f"data: {dataset_dir} ({meta.get('tokenization')}, train {train_loader.data.num_tokens:,} tokens); "
         f"{tokens_per_step:,} tokens per step, {steps_per_epoch} steps per epoch; dtype {dtype} on {device}")
 
@@ -559,13 +569,14 @@ def _train(cfg, log):
         out = {}
         raw_model.eval()
         for split in ("train", "val"):
-            loader = BatchLoader(dataset_dir, split, seed=cfg.seed + 999, rank=rank, **loader_args)
+            loader = make_loader(split, cfg.seed + 999)
             total = torch.zeros(2, device=device)
             for _ in range(cfg.eval_iters):
                 batch = loader.get_batch()
                 with ctx:
-                    _, loss_sum = raw_model(batch[0], batch[1], batch[2] if cfg.use_loss_mask else None, loss_reduction="sum")
-                count = batch[2].sum() if cfg.use_loss_mask else torch.tensor(batch[1].numel())
+                    _, loss_sum = raw_model(batch[0], batch[1], batch[2] if cfg.use_loss_mask else None, loss_reduction="sum",
+                                            **model_inputs(batch))
+                count = batch[2].sum() if cfg.use_loss_mask else (batch[1] != -1).sum()
                 total += torch.stack([loss_sum.float(), count.float().to(device)])
             if ddp:
                 dist.all_reduce(total)
