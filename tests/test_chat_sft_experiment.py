@@ -1,5 +1,6 @@
 """The masking experiment's script (experiments/chat_sft.py) runs end to end on a few steps: two-phase setting with
-prompt-heavy data, both SFT runs, scores, held-out answers and the not-stopped continuations."""
+prompt-heavy data, both SFT runs and the packed one (--packed), scores, held-out answers and the not-stopped
+continuations."""
 
 import json
 import os
@@ -16,17 +17,17 @@ PROSE = os.path.join(ROOT, "..", "shared", "corpora", "pride_and_prejudice_pg134
 def test_two_phase_prompt_heavy_experiment_runs(tmp_path):
     out = tmp_path / "ckpt"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "chat_sft.py"), "--pretrain_iters", "10",
-                        "--max_iters", "10", "--context_chars", "64", "--out_dir", str(out),
+                        "--max_iters", "10", "--context_chars", "64", "--out_dir", str(out), "--packed",
                         "--json", str(tmp_path / "res.json")], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "base model 'chat_tiny_context64_pretrained10_base'" in r.stdout
-    assert "| masked |" in r.stdout and "| unmasked |" in r.stdout
+    assert "| masked |" in r.stdout and "| unmasked |" in r.stdout and "| masked, packed |" in r.stdout
     res = json.load(open(tmp_path / "res.json"))
-    assert [x["use_loss_mask"] for x in res] == [True, False]
+    assert [(x["use_loss_mask"], x["packing"]) for x in res] == [(True, False), (False, False), (True, True)]
     for x in res:
         assert x["total"] == 50 and len(x["rows"]) == 50 and len(x["not_stopped"]) == 3
-        assert 0 < x["assistant_val_loss"] < 10
+        assert 0 < x["assistant_val_loss"] < 10 and 0 < x["whole_conversation_val_loss"] < 10
     # the SFT set was prepared with the base's vocabulary, and every held-out question got a passage in front
     data = out / "chat_tiny_context64_pretrained10_data"
     assert (data / "data" / "tokenizer_state.json").read_text() == (data / "pretrain_data" / "tokenizer_state.json").read_text()
