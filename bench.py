@@ -144,15 +144,14 @@ def probe(spec, timeout=900):
 
 
 def autocast(dtype, device="cpu"):
-    from train import autocast_context
+    from runtime import autocast_context
     return autocast_context("cuda" if device.startswith("cuda") else device, dtype)
 
 
 def auto_dtype():
-    """What `dtype: auto` picks on this CPU (train.pick_dtype), as train.py and sample.py use it."""
-    from config import TrainConfig
-    from train import pick_dtype
-    return pick_dtype(TrainConfig(), "cpu")
+    """What `dtype: auto` picks on this CPU (runtime.pick_dtype), as train.py and sample.py use it."""
+    from runtime import pick_dtype
+    return pick_dtype("auto", "cpu")
 
 
 MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
@@ -248,8 +247,8 @@ def adamw(model, device_type="cpu"):
 
 def our_step(model, optimizer, get_batch, ctx):
     """One optimizer step exactly as train.py takes it: fetch the batch, forward + backward through
-    train.forward_backward (loss as a sum normalised by the target count), clip at 1.0, AdamW step, zero grads."""
-    from train import forward_backward
+    runtime.forward_backward (loss as a sum normalised by the target count), clip at 1.0, AdamW step, zero grads."""
+    from runtime import forward_backward
     loss = forward_backward(model, [get_batch()], False, ctx)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if math.isfinite(loss) and bool(torch.isfinite(norm)):
@@ -364,7 +363,7 @@ class Workspace:
 
 def loader(dataset_dir, batch_size, block_size, device="cpu"):
     from data import BatchLoader, read_metadata
-    from train import padded_vocab
+    from model import padded_vocab
     meta = read_metadata(dataset_dir)
     return BatchLoader(dataset_dir, "train", batch_size, block_size, device=device,
                        model_vocab_size=padded_vocab(int(meta["vocab_size"])))
@@ -455,7 +454,8 @@ def packing_comparison(dataset_dir, shape, batch_size, block_size, repeats, inne
     shape, interleaved. Tokens/s counts the tokens each trains on: every token of a window, the non-pad tokens of a
     packed row (the epoch's fill, exact over an epoch: packed positions / (rows * block_size))."""
     from data import BatchLoader, PackedLoader, read_metadata
-    from train import forward_backward, padded_vocab
+    from model import padded_vocab
+    from runtime import forward_backward
     vocab = padded_vocab(int(read_metadata(dataset_dir)["vocab_size"]))
     torch.manual_seed(0)
     model = our_model(shape, vocab, block_size, bias=False)
@@ -527,7 +527,7 @@ def section_sample(ws, args):
     """124M, batch 1, greedy, N new tokens after a 32-token prompt: our generate (KV cache) vs transformers'
     generate, the same random weights in both (converted), so both do exactly the same work; then our full
     recompute (no cache) for the speed-up the cache buys."""
-    from convert_hf import load_hf_gpt2
+    from hf import load_hf_gpt2
     from transformers import GPT2LMHeadModel
     from tokenizer import Tokenizer
     n_new = 64 if args.quick else 256
@@ -587,7 +587,7 @@ def section_sample(ws, args):
            "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"ceiling {d}"] / tps[best_hf]}
     what = f"sampling 124M, batch 1, greedy, {n_new} new tokens (CPU)"
     ours_txt = f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)"
-    # as each is shipped: sample.py's --dtype auto (train.pick_dtype) against generate() as it comes (fp32,
+    # as each is shipped: sample.py's --dtype auto (runtime.pick_dtype) against generate() as it comes (fp32,
     # default attention), the comparison the issue's "about 23 tokens/s" reference figure is
     auto = auto_dtype()
     res["ratio_as_shipped"] = tps[f"ours {auto}"] / tps["transformers float32 sdpa"]
@@ -674,7 +674,7 @@ def section_loader(ws, args):
 
 
 def section_convert(ws, args):
-    """convert_hf.load_hf_gpt2 on a 124M checkpoint vs GPT2LMHeadModel.from_pretrained: time and peak memory, each
+    """hf.load_hf_gpt2 on a 124M checkpoint vs GPT2LMHeadModel.from_pretrained: time and peak memory, each
     in fresh processes (median of 3)."""
     hf_dir = ws.hf_checkpoint()
     runs = {"ours": [], "hf": []}
@@ -780,14 +780,14 @@ def run_probe(spec):
     the size once the model and optimizer are built."""
     import gc
     import transformers  # noqa: F401  (both sides pay the same imports)
-    import train
+    import runtime
     if spec["kind"] != "convert":
-        train.keep_freed_memory()  # as train.py does: the memory figures are its
+        runtime.keep_freed_memory()  # as train.py does: the memory figures are its
     if spec["kind"] == "convert":
         base = reset_peak_rss()
         t = time.perf_counter()
         if spec["side"] == "ours":
-            from convert_hf import load_hf_gpt2
+            from hf import load_hf_gpt2
             load_hf_gpt2(spec["hf_dir"])
         else:
             from transformers import GPT2LMHeadModel
@@ -876,17 +876,17 @@ def main(argv=None):
     header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    import train
+    import runtime
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ws = Workspace(tmp, args.corpus_dir)
         for name in sections:
             if name not in NO_MODEL_SECTIONS:
-                # the malloc setting train.py and sample.py make on CPU (train.keep_freed_memory), for every candidate
+                # the malloc setting train.py and sample.py make on CPU (runtime.keep_freed_memory), for every candidate
                 # alike: in one process they share the allocator, and without it a step's speed depends on which
                 # candidate ran before. prepare_dataset.py and convert_hf.py do not make it, so their sections run
                 # first. Setting it again is a no-op.
-                train.keep_freed_memory()
+                runtime.keep_freed_memory()
             t = time.perf_counter()
             print(f"[{name}] ...", file=sys.stderr, flush=True)
             try:

@@ -18,14 +18,29 @@ import zipfile
 import torch
 
 import lora
+from errors import GPTLabError
+from hf import load_hf_gpt2
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
-CKPT_FORMAT = 1
+CKPT_FORMAT = 1  # the layout make_checkpoint writes; load_checkpoint refuses a newer one
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GPTLabError, RuntimeError):
     """A checkpoint that cannot be used: the message names the file and what to do."""
+
+
+def make_checkpoint(model_state, model_args, config, tokenizer, iter_num=0, best_val_loss=None, lora=None, base=None,
+                    data_format="text", **extra):
+    """The one layout of every checkpoint the project writes (train.py's ckpt.pt / best.pt / merged model, the
+    converter's, the scaffold's). model_state: the state dict (a LoRA run on a base: its adapters only); model_args:
+    GPTConfig's fields; config: the run's settings as a dict; tokenizer: Tokenizer.state_dict(); lora: apply_lora's
+    kwargs or None; base: what an adapters-only checkpoint sits on ({"kind": "model"|"hf", ...}) or None;
+    data_format: "chat" or "text" (sample.py and serve.py chat only with chat models). extra: what a writer adds
+    (training state for resume: optimizer, scaler, loader, rng; the scaffold's own keys)."""
+    return {"format_version": CKPT_FORMAT, "model": model_state, "model_args": dict(model_args), "config": config,
+            "tokenizer": tokenizer, "iter_num": iter_num, "best_val_loss": best_val_loss, "lora": lora, "base": base,
+            "data_format": data_format, **extra}
 
 
 def atomic_save(obj, path):
@@ -60,6 +75,10 @@ def load_checkpoint(path, map_location="cpu"):
                               f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' / 'model_args' entries)")
+    version = ckpt.get("format_version", 1)  # files from before the version was written are format 1
+    if not isinstance(version, int) or version > CKPT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {version!r} is newer than this code reads ({CKPT_FORMAT}): "
+                              f"update the project to load it")
     return ckpt
 
 
@@ -119,7 +138,6 @@ def build_model(ckpt, out_dir="checkpoints", device="cpu"):
 def load_base(base, out_dir="checkpoints"):
     """The frozen base a LoRA checkpoint names: another project model, or a Hugging Face GPT-2 directory."""
     if base["kind"] == "hf":
-        from convert_hf import load_hf_gpt2
         model, _ = load_hf_gpt2(base["path"])
         return model
     ckpt = load_checkpoint(find_checkpoint(base["name"], out_dir))

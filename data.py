@@ -25,8 +25,10 @@ import os
 import numpy as np
 import torch
 
+from errors import GPTLabError
 
-class DataError(ValueError):
+
+class DataError(GPTLabError, ValueError):
     """Dataset files that do not agree with each other or with the request: names the file and the fix."""
 
 
@@ -86,6 +88,10 @@ class Split:
         self.lengths = np.array([len(t) for t in self.tokens], dtype=np.int64)
         self.num_tokens = int(self.lengths.sum())
         self.vocab_size = int(meta["vocab_size"])
+        self.mask_tokens = None  # mask-1 tokens of the split (use_mask only): what the masked loss can train on
+        if use_mask:
+            recorded = meta["splits"][split].get("mask_tokens")
+            self.mask_tokens = recorded if recorded is not None else int(sum(int(m.sum()) for m in self.masks))
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # where each shard begins in the split's stream
 
     def read(self, arrays, start, stop):
@@ -338,8 +344,3 @@ class PackedLoader:
 
     def tokens_per_batch(self):
         return self.batch_size * self.block_size
-
-
-def model_inputs(batch):
-    """The extra model inputs of a packed batch (position and document ids); {} for a random-window batch."""
-    return {"position_ids": batch[3], "doc_ids": batch[4]} if len(batch) == 5 else {}

@@ -29,6 +29,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from model import packed_inputs
+
 CHUNK = 1 << 21  # elements per slice of a parameter in each pass: 8 MiB fp32 buffers, few enough op launches
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer view of a float
 _ESCAPE = -128  # int8 correction meaning "too far off for int8: take the saved original value"
@@ -139,8 +141,7 @@ def _loss(model, batch, use_loss_mask):
     """(sum of per-target losses, number of counted targets) on the batch, as floats."""
     X, Y = batch[0], batch[1]
     M = batch[2] if use_loss_mask else None
-    packed = {"position_ids": batch[3], "doc_ids": batch[4]} if len(batch) == 5 else {}  # data.PackedLoader's rows
-    _, loss_sum = model(X, Y, M, loss_reduction="sum", **packed)
+    _, loss_sum = model(X, Y, M, loss_reduction="sum", **packed_inputs(batch))
     count = M.sum() if M is not None else (Y != -1).sum()  # padding of packed rows has target -1
     return torch.stack([loss_sum.detach().float(), count.float().to(loss_sum.device)])
 

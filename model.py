@@ -268,6 +268,16 @@ def scale_positions_zero(x, position_ids, factor):
     return x * scale  # (B, T, C)
 
 
+def packed_inputs(batch):
+    """What GPT.forward takes from a batch beyond (X, Y, M): the position and document ids of a packed batch
+    (data.PackedLoader's (X, Y, M, P, D)); {} for a batch of random windows."""
+    return {"position_ids": batch[3], "doc_ids": batch[4]} if len(batch) == 5 else {}
+
+
+def padded_vocab(n):
+    return ((n + 63) // 64) * 64  # a multiple of 64 makes the embedding/lm_head matmuls faster
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()

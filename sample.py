@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import CheckpointError, latest_model_name, load_model
 from tokenizer import ROLE_MARKERS, chat_prompt
-from train import autocast_context, keep_freed_memory, pick_dtype
+from runtime import autocast_context, keep_freed_memory, pick_dtype
 
 
 def parse_args(argv=None):
@@ -116,7 +116,7 @@ def main(argv=None):
     device_type = "cuda" if device.startswith("cuda") else device
     if device_type == "cpu":
         keep_freed_memory()  # as train.py does: no page faults on the big per-call buffers
-    sampler = Sampler(model, tok, ckpt, device, pick_dtype(args, device_type))
+    sampler = Sampler(model, tok, ckpt, device, pick_dtype(args.dtype, device_type))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
     if model.config.use_bos_zero_training:

@@ -46,7 +46,7 @@ from data import DataError
 from model import KVCache, LayerNorm, cross_entropy_loss, sample_next
 from prepare_dataset import conversation_turns
 from tokenizer import chat_prompt
-from train import autocast_context, pick_dtype
+from runtime import autocast_context, pick_device, pick_dtype
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scaffold.json")
 CHAT_KEYS = ("messages", "conversations", "instruction")  # a record with one of these is a chat record
@@ -74,7 +74,7 @@ class ScaffoldConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
-    lora_target: list = field(default_factory=lambda: ["c_attn", "attn.c_proj", "c_fc"])  # lora.TARGETS names or "all"
+    lora_target: list = field(default_factory=lambda: ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])  # every Linear of a block (as "all"); lora.TARGETS names
     # --- optimisation: AdamW, linear warmup then linear decay to 0 ---
     num_epochs: int = 3
     batch_size: int = 16
@@ -561,12 +561,6 @@ def exact_match(fused, base_tok, scaffold_tok, examples, weight, max_new_tokens)
 # ---------------------------------------------------------------------------------------------------------------
 # training
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    return name
-
-
 def linear_lr(step, warmup, total, lr):
     """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
     if step < warmup:
@@ -609,7 +603,7 @@ def train(cfg, log=print):
     device = pick_device(cfg.device)
     device_type = "cuda" if device.startswith("cuda") else device
     torch.manual_seed(cfg.seed)
-    dtype = pick_dtype(cfg, device_type)
+    dtype = pick_dtype(cfg.dtype, device_type)
     ctx = autocast_context(device_type, dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
 
@@ -798,7 +792,7 @@ def cmd_evaluate(args, log=print):
     saved = ScaffoldConfig(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(ScaffoldConfig)}})
     _, _, val_set = load_split(saved, fused, base_tok, scaffold_tok, log)
     val_batches = batches(val_set, saved.batch_size, device)
-    ctx = autocast_context("cuda" if device.startswith("cuda") else device, pick_dtype(saved, device.split(":")[0]))
+    ctx = autocast_context("cuda" if device.startswith("cuda") else device, pick_dtype(saved.dtype, device.split(":")[0]))
     weights = parse_weights(args.scaffold_weight) if args.scaffold_weight is not None else [1.0, 0.5, 0.0]
     result = {w: evaluate_loss(fused, val_batches, w, ctx) for w in weights}
     base = evaluate_loss(fused, val_batches, 0.0, ctx, base_alone=True)

@@ -118,6 +118,21 @@ class Tokenizer:
             state["hf_dir"] = os.path.abspath(self.hf_dir)
         return state
 
+    def ids_key(self):
+        """What decides the ids a text encodes to: the kind, the vocabulary and the end-of-text id. A GPT-2 BPE
+        read from a Hugging Face folder and tiktoken's gpt2 give the same key when their ranks are the same: the
+        folder a tokenizer came from is not part of it."""
+        if self.kind == "char":
+            return ("char", "".join(self.chars), self.eot_token)
+        if getattr(self, "_vocab_digest", None) is None:  # every id's bytes, in id order (40 ms for 50257)
+            import hashlib
+            h = hashlib.sha256()
+            for i in range(self.vocab_size):
+                b = self.enc.decode_single_token_bytes(i)
+                h.update(len(b).to_bytes(2, "little") + b)
+            self._vocab_digest = h.hexdigest()
+        return ("gpt2", self.vocab_size, self.eot_token, self._vocab_digest)
+
     @classmethod
     def from_state(cls, state):
         if state.get("kind") == "char":

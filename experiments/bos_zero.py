@@ -1,17 +1,19 @@
 """
-The README's BOS zero experiment: does a model trained with its first position scaled down (BOS zero, factor
-0.05) model text as well as a baseline, how does each do when evaluated the other way, and where does their
-attention go?
+The BOS zero experiment (docs/bos_zero.md): does a model trained with its first position scaled down (BOS zero,
+factor 0.05) model text as well as a baseline, how does each do when evaluated the other way, and where does
+their attention go?
 
-    python experiments/bos_zero.py                 # about 5 minutes on 2 CPU cores
-    python experiments/bos_zero.py --max_iters 300 # quicker, rougher
+    python -m experiments.bos_zero                   # from the project root; about 5 minutes on 2 CPU cores
+    python -m experiments.bos_zero --max_iters 300   # quicker, rougher
+    python -m experiments.bos_zero --corpus path/to/tinyshakespeare.txt
 
 Both models are configs/tiny.json's shape (4 layers x 4 heads x 128, block 64), trained on tinyshakespeare at
-the character level (../shared/corpora/tinyshakespeare.txt, prepared into data/shakespeare_char_bos_exp on first use)
-for the same steps with the same seed: the baseline with configs/tiny.json, the BOS-zero model with
-configs/tiny_bos_zero.json. Each is then scored by evaluate.py on the whole val split, with and without the
-scaling, and its attention on position 0 is measured per layer and head. Writes docs/bos_zero_attention.png
-and docs/bos_zero_results.json, and prints the README tables.
+the character level (--corpus; by default ../shared/corpora/tinyshakespeare.txt, a folder of text corpora
+beside the project; prepared into data/shakespeare_char_bos_exp on first use) for the same steps with the same
+seed: the baseline with configs/tiny.json, the BOS-zero model with configs/tiny_bos_zero.json. Each is then
+scored by evaluate.py on the whole val split, with and without the scaling, and its attention on position 0
+is measured per layer and head. Writes docs/bos_zero_attention.png and docs/bos_zero_results.json, and prints
+the tables of docs/bos_zero.md.
 """
 
 import argparse
@@ -20,8 +22,8 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __package__ in (None, ""):  # run as a file: experiments/, not the project root, would be on sys.path
+    sys.exit("error: run it from the project root as a module: python -m experiments.bos_zero")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -31,7 +33,8 @@ import prepare_dataset  # noqa: E402
 from config import load_config  # noqa: E402
 from train import train  # noqa: E402
 
-CORPUS = os.path.join(ROOT, "..", "shared", "corpora", "tinyshakespeare.txt")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "..", "shared", "corpora", "tinyshakespeare.txt")  # text corpora beside the project
 DATA = os.path.join(ROOT, "data", "shakespeare_char_bos_exp")  # its own copy: other runs may re-prepare theirs
 FACTOR = 0.05
 
@@ -39,6 +42,8 @@ FACTOR = 0.05
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max_iters", type=int, default=800)
+    p.add_argument("--corpus", default=CORPUS,
+                   help="tinyshakespeare's text (karpathy/char-rnn: data/tinyshakespeare/input.txt)")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "checkpoints"))
     p.add_argument("--docs_dir", default=os.path.join(ROOT, "docs"))
     p.add_argument("--eval_only", action="store_true", help="evaluate the models a previous run trained")
@@ -48,10 +53,10 @@ def main():
     torch.set_num_threads(args.threads)
     t0 = time.time()
     if not os.path.exists(os.path.join(DATA, "dataset_metadata.json")):
-        if not os.path.exists(CORPUS):
-            sys.exit(f"error: {CORPUS} not found (the shared corpora folder beside the project)")
-        print(f"preparing {CORPUS} -> {DATA} (char tokenizer)")
-        prepare_dataset.prepare([CORPUS], DATA, tokenization="char", fmt="text")
+        if not os.path.exists(args.corpus):
+            sys.exit(f"error: {args.corpus} not found: pass tinyshakespeare's text file as --corpus FILE")
+        print(f"preparing {args.corpus} -> {DATA} (char tokenizer)")
+        prepare_dataset.prepare([args.corpus], DATA, tokenization="char", fmt="text")
 
     runs = {"baseline": ("configs/tiny.json", "bos_exp_baseline"),
             "bos_zero": ("configs/tiny_bos_zero.json", "bos_exp_zero")}

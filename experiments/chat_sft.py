@@ -1,16 +1,17 @@
 """
 Chat SFT on the shipped sample conversations: does the model answer questions it never saw, and end its turn?
-And does loss masking help? (issue 3's experiment)
+And does loss masking help? (docs/chat_sft_experiment.md)
 
-    python experiments/chat_sft.py                  # trains configs/tiny_sft.json twice: masking on, masking off
-    python experiments/chat_sft.py --max_iters 500  # quicker, rougher
-    python experiments/chat_sft.py --context_chars 256   # the same conversations, each behind a passage of prose
+    python -m experiments.chat_sft                  # from the project root: tiny_sft.json twice, masking on and off
+    python -m experiments.chat_sft --max_iters 500  # quicker, rougher
+    python -m experiments.chat_sft --context_chars 256   # the same conversations, each behind a passage of prose
 
---context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice from
-../shared/corpora, or --context_file) in front of every conversation, the way a retrieved document or a long system
-prompt sits in front of real chats. The answers do not depend on it, so it is the prompt-heavy case: most tokens
-are prompt, and the unmasked run spends most of its training signal modelling them. Train and val conversations
-draw their passages from the first 90% of the file, the held-out questions from the last 10%.
+--context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice, Project
+Gutenberg eBook 1342, from --context_file; by default from ../shared/corpora, a folder of text corpora beside the
+project) in front of every conversation, the way a retrieved document or a long system prompt sits in front of
+real chats. The answers do not depend on it, so it is the prompt-heavy case: most tokens are prompt, and the
+unmasked run spends most of its training signal modelling them. Train and val conversations draw their passages from
+the first 90% of the file, the held-out questions from the last 10%.
 
 --packed adds a third run: masked, with packing true (rows of whole conversations, each attending only to itself,
 positions restarting at its BOS), at the same optimizer steps and rows x block_size per step as the random-window
@@ -33,12 +34,15 @@ import os
 import random
 import sys
 
-import torch
+if __package__ in (None, ""):  # run as a file: experiments/, not the project root, would be on sys.path
+    sys.exit("error: run it from the project root as a module: python -m experiments.chat_sft")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
 from checkpoint import load_model  # noqa: E402
 from config import load_config  # noqa: E402
-from data import BatchLoader, PackedLoader, model_inputs  # noqa: E402
+from data import BatchLoader, PackedLoader  # noqa: E402
+from model import packed_inputs  # noqa: E402
 from sample import Sampler  # noqa: E402
 from tokenizer import EOT_TEXT, ROLE_MARKERS, Tokenizer, chat_prompt  # noqa: E402
 from train import SAMPLE_DATASET, resolve_dataset, train  # noqa: E402
@@ -135,7 +139,7 @@ def whole_conversation_val_loss(model, dataset_dir, block_size):
     total = count = 0.0
     for _ in range(loader.steps_per_epoch):
         batch = loader.get_batch()
-        _, loss_sum = model(batch[0], batch[1], batch[2], loss_reduction="sum", **model_inputs(batch))
+        _, loss_sum = model(batch[0], batch[1], batch[2], loss_reduction="sum", **packed_inputs(batch))
         total += loss_sum.item()
         count += batch[2].sum().item()
     return total / count

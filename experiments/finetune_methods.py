@@ -1,11 +1,12 @@
 """
-Fine-tuning methods side by side (issue 6): full fine-tuning, LoRA rank 8, XGBLoRA (rank-1 boosters merged into
-the weights every N steps), MeZO on the full model and MeZO on LoRA adapters. One SFT task (the shipped sample
-conversations, masked loss: only the assistant's tokens count), one base model, one step budget.
+Fine-tuning methods side by side (docs/finetune_methods.md): full fine-tuning, LoRA rank 8, XGBLoRA (rank-1
+boosters merged into the weights every N steps), MeZO on the full model and MeZO on LoRA adapters. One SFT task
+(the shipped sample conversations, masked loss: only the assistant's tokens count), one base model, one step
+budget.
 
-    python experiments/finetune_methods.py                  # all of it (about 10 minutes on 2 CPU cores)
-    python experiments/finetune_methods.py --only methods   # the fine-tuning comparison alone
-    python experiments/finetune_methods.py --only memory    # the 124M-shape memory benchmark alone
+    python -m experiments.finetune_methods                  # from the project root; all of it (~10 min, 2 CPU cores)
+    python -m experiments.finetune_methods --only methods   # the fine-tuning comparison alone
+    python -m experiments.finetune_methods --only memory    # the 124M-shape memory benchmark alone
 
 1. base: configs/tiny.json (4 layers x 128, block 64, char tokens) pretrained on the sample conversations with
    the plain next-token loss, BASE_ITERS steps (model fm_base).
@@ -28,14 +29,16 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a file: experiments/, not the project root, would be on sys.path
+    sys.exit("error: run it from the project root as a module: python -m experiments.finetune_methods")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 BASE_ITERS = 600
 STEPS = 300
 COMMON = ["--init_from_model", "fm_base", "--use_loss_mask", "true", "--batch_size", "12", "--block_size", "64",
           "--dropout", "0.0", "--warmup_iters", "20", "--eval_iters", "40", "--log_interval", "50", "--seed", "1337"]
-# method -> its own flags. Learning rates from a short sweep on this task (300 steps, val loss), see the README section:
+# method -> its own flags. Learning rates from a short sweep on this task (300 steps, val loss; see docs/):
 # full 1e-4 / 3e-4 / 1e-3, LoRA 1e-3 / 3e-3 / 1e-2, XGBLoRA lr x alpha x merge interval x targets, MeZO full
 # 1e-5 / 3e-5 / 1e-4, MeZO LoRA 3e-4 / 1e-3; the best of each is used here (the xgblora and mezo ones are the presets).
 METHODS = {
@@ -181,8 +184,8 @@ def mezo_memory_benchmark(batch_size=4, seq_len=256, dtype="float32", methods=ME
     The ratios are taken on `total`, the figure MeZO's "inference memory" claim is about."""
     results = {}
     for method in methods:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_memory_child", method, "--batch_size", str(batch_size),
-               "--seq_len", str(seq_len), "--dtype", dtype]
+        cmd = [sys.executable, "-m", "experiments.finetune_methods", "--_memory_child", method,
+               "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--dtype", dtype]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=CHILD_ENV)
         if r.returncode != 0:
             last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "?"

@@ -16,7 +16,7 @@ import evaluate
 import sample
 from checkpoint import atomic_save, load_checkpoint, load_model
 from config import ConfigError, load_config
-from conftest import ROOT, run_cli
+from conftest import ROOT, make_hf_gpt2, run_cli
 from data import BatchLoader
 from model import GPT, GPTConfig, KVCache
 from train import train
@@ -329,12 +329,8 @@ def test_evaluate_bad_input_is_one_line_error(tmp_path, bos_model, shakespeare_c
 
 def test_gpt2_lora_bos_zero_preset(tmp_path):
     """The LoRA preset fine-tunes a converted GPT-2 (here a tiny random one in Hugging Face format) with BOS zero."""
-    transformers = pytest.importorskip("transformers")
     import prepare_dataset
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1,
-                                                              n_head=2))
-    hf.save_pretrained(str(tmp_path / "hf"))
+    make_hf_gpt2(tmp_path / "hf", vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2)
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200 + "\nAnd so on, again and again.\n" * 40)
     prepare_dataset.prepare([str(text)], str(tmp_path / "data"), tokenization="gpt2", fmt="text")

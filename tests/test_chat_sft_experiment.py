@@ -1,6 +1,6 @@
-"""The masking experiment's script (experiments/chat_sft.py) runs end to end on a few steps: two-phase setting with
-prompt-heavy data, both SFT runs and the packed one (--packed), scores, held-out answers and the not-stopped
-continuations."""
+"""The masking experiment's script (python -m experiments.chat_sft) runs end to end on a few steps: two-phase setting
+with prompt-heavy data, both SFT runs and the packed one (--packed), scores, held-out answers and the not-stopped
+continuations. Run as a file it says how to run it, in one line."""
 
 import json
 import os
@@ -16,9 +16,10 @@ PROSE = os.path.join(ROOT, "..", "shared", "corpora", "pride_and_prejudice_pg134
 @pytest.mark.skipif(not os.path.exists(PROSE), reason="needs ../shared/corpora")
 def test_two_phase_prompt_heavy_experiment_runs(tmp_path):
     out = tmp_path / "ckpt"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "chat_sft.py"), "--pretrain_iters", "10",
-                        "--max_iters", "10", "--context_chars", "64", "--out_dir", str(out), "--packed",
-                        "--json", str(tmp_path / "res.json")], capture_output=True, text=True, timeout=600,
+    r = subprocess.run([sys.executable, "-m", "experiments.chat_sft", "--pretrain_iters", "10",
+                        "--max_iters", "10", "--context_chars", "64", "--out_dir", str(out), "--context_file", PROSE,
+                        "--packed", "--json", str(tmp_path / "res.json")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "base model 'chat_tiny_context64_pretrained10_base'" in r.stdout
@@ -33,3 +34,19 @@ def test_two_phase_prompt_heavy_experiment_runs(tmp_path):
     assert (data / "data" / "tokenizer_state.json").read_text() == (data / "pretrain_data" / "tokenizer_state.json").read_text()
     first = json.loads((data / "sample_chat_context.jsonl").read_text().splitlines()[0])
     assert first["messages"][0]["role"] == "system" and len(first["messages"][0]["content"]) >= 64
+
+
+@pytest.mark.parametrize("name", ["chat_sft", "bos_zero", "finetune_methods"])
+def test_experiment_run_as_a_file_says_how_to_run_it(name, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{name}.py"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.strip() == f"error: run it from the project root as a module: python -m experiments.{name}"
+
+
+@pytest.mark.parametrize("name", ["chat_sft", "bos_zero", "finetune_methods"])
+def test_experiment_runs_as_a_module_from_the_root(name):
+    r = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage:" in r.stdout

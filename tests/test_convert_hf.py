@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
 import convert_hf  # noqa: E402
+from conftest import make_hf_gpt2  # noqa: E402
 import lora  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -26,15 +28,11 @@ transformers.logging.set_verbosity_error()
 
 
 def make_hf(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # HF inits biases and LayerNorms to 0 / 1: randomise them so a mixed-up bias shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    """A seeded GPT-2 the tests build themselves (conftest.make_hf_gpt2), read back by transformers: the reference."""
+    with tempfile.TemporaryDirectory() as d:
+        make_hf_gpt2(d, vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     seed=seed, eos_token_id=0)
+        return GPT2LMHeadModel.from_pretrained(d).eval()
 
 
 def save_bin(model, d, legacy=False, shards=1):

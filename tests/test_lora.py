@@ -10,10 +10,11 @@ from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import GPT2LMHeadModel  # noqa: E402
 
 import convert_hf  # noqa: E402
 import lora  # noqa: E402
+from conftest import make_hf_gpt2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 deprecations inside peft
@@ -25,16 +26,8 @@ V, C, L, R, ALPHA = 1000, 32, 2, 4, 8.0
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(HF model, its directory): a random tiny GPT-2 with non-trivial biases and LayerNorms."""
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=C, n_layer=L, n_head=2,
-                                    bos_token_id=0, eos_token_id=0)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    d = tmp_path_factory.mktemp("hf")
-    hf.save_pretrained(d)
-    return hf, str(d)
+    d = make_hf_gpt2(tmp_path_factory.mktemp("hf"), vocab_size=V, n_positions=64, n_embd=C, n_layer=L, n_head=2)
+    return GPT2LMHeadModel.from_pretrained(d).eval(), d
 
 
 def converted(pair):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache, cross_entropy_loss, sample_next
-from train import forward_backward
+from runtime import forward_backward
 
 
 def tiny(bias=False, **kw):

@@ -17,8 +17,9 @@ import prepare_dataset
 import train
 from config import load_config
 from conftest import SAMPLE_CHAT, SHAKESPEARE, run_cli
-from data import BatchLoader, DataError, PackedLoader, Split, model_inputs
-from model import GPT, GPTConfig
+from data import BatchLoader, DataError, PackedLoader, Split
+from model import GPT, GPTConfig, packed_inputs
+from runtime import forward_backward
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=48, batch_size=4, eval_iters=2, log_interval=1,
              warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, use_loss_mask=True, packing=True, dtype="float32",
@@ -211,7 +212,7 @@ def test_grad_accumulation_of_packed_rows_equals_one_big_batch(small_chat):
     for loader, micro in ((big, 1), (small, 2)):
         model = tiny_model(loader.data.vocab_size).train()
         batches = [loader.get_batch() for _ in range(micro)]
-        losses.append(train.forward_backward(model, batches, use_loss_mask=True))
+        losses.append(forward_backward(model, batches, use_loss_mask=True))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     counts = [int(b[2].sum()) for b in (small.batch(small.rows_of(0, 0)), small.batch(small.rows_of(0, 1)))]
     assert counts[0] != counts[1]  # the micro-batches' mask counts differ: a per-micro mean would not match
@@ -311,7 +312,7 @@ def test_model_refuses_half_a_packed_batch(small_chat):
     model = tiny_model(loader.data.vocab_size)
     with pytest.raises(ValueError, match="position_ids and doc_ids"):
         model(batch[0], position_ids=batch[3])
-    assert set(model_inputs(batch)) == {"position_ids", "doc_ids"} and model_inputs(batch[:3]) == {}
+    assert set(packed_inputs(batch)) == {"position_ids", "doc_ids"} and packed_inputs(batch[:3]) == {}
 
 
 def test_packing_on_text_trains(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint
 from conftest import ROOT, run_cli
-from train import read_metrics
+from runtime import read_metrics
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "5", "--seed", "3"]

@@ -13,7 +13,7 @@ import torch
 
 import scaffold
 from checkpoint import atomic_save, load_checkpoint
-from conftest import run_cli
+from conftest import make_hf_gpt2, run_cli
 from config import ConfigError
 from data import DataError
 from model import GPT, GPTConfig
@@ -283,12 +283,7 @@ def test_chat_records_mask_only_the_reply(tmp_path):
 
 
 def test_hf_gpt2_directory_as_scaffold(tmp_path, models):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=24, n_layer=2,
-                                                              n_head=2, bos_token_id=0, eos_token_id=0))
-    hf.save_pretrained(tmp_path / "hf")
+    make_hf_gpt2(tmp_path / "hf", vocab_size=64, n_positions=32, n_embd=24, n_layer=2, n_head=2)
     assert scaffold.is_hf_dir(str(tmp_path / "hf")) and not scaffold.is_hf_dir(os.path.join(models, "base"))
     cfg = make_cfg(tmp_path, models, scaffold_model=str(tmp_path / "hf"))
     fused, base_tok, scaffold_tok, info = scaffold.build_fused(cfg, log=lambda *a: None)
@@ -327,3 +322,17 @@ def test_cli_train_generate_evaluate_interactive(tmp_path, models, capsys, monke
     # the documented command, as a real process
     r = run_cli("scaffold.py", "generate", "--config_file", str(cfg_path), "--prompt", "abc=", "--scaffold_weight", "0.7")
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_default_lora_targets_adapt_every_linear_of_the_scaffold(tmp_path, models):
+    """The original script's targets ["c_attn", "c_proj", "c_fc"] are suffix matches: "c_proj" adapts attn.c_proj
+    and mlp.c_proj. The default and the preset therefore adapt all four Linears of every scaffold block."""
+    import lora
+    assert scaffold.ScaffoldConfig().lora_target == lora.ALL_TARGETS
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "scaffold.json")) as f:
+        assert json.load(f)["lora_target"] == lora.ALL_TARGETS
+    fused, _, _, _ = scaffold.build_fused(make_cfg(tmp_path, models), log=lambda *a: None)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in fused.scaffold.named_parameters() if ".lora_A" in n}
+    assert adapted == {f"transformer.h.{i}.{name}" for i in range(2)
+                       for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}

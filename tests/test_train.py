@@ -182,3 +182,55 @@ def test_mask_aligns_with_targets(sample_chat):
         start = int(np.flatnonzero((windows == x[row].numpy()).all(axis=1))[0])
         assert np.array_equal(y[row].numpy(), toks[start + 1:start + 65])
         assert np.array_equal(m[row].numpy(), mask[start + 1:start + 65])
+
+
+def test_a_train_split_without_any_target_is_refused_at_start(tmp_path):
+    """--mask_role tool on conversations without tool turns: every mask is 0. Training used to run on, logging loss
+    0.0000 and saving 0.0 as the best val loss; now it stops before the first step with one line naming the data."""
+    subset = tmp_path / "chat.jsonl"
+    with open(SAMPLE_CHAT) as f:
+        subset.write_text("".join(f.readlines()[:100]))
+    data = tmp_path / "data"
+    r = run_cli("prepare_dataset.py", "--format", "chat", "--input_files", str(subset), "--out_dir", str(data),
+                "--tokenization", "char", "--mask_role", "tool")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((data / "dataset_metadata.json").read_text())["mask_fraction"] == 0.0
+    r = run_cli("train.py", "--config_file", "configs/tiny_sft.json", "--dataset_dir", str(data), "--out_dir",
+                str(tmp_path / "ckpt"), "--max_iters", "2")
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and str(data) in err[0] and "hold no 1" in err[0] and "--mask_role" in err[0], err
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_an_evaluation_without_targets_is_reported_as_such_and_never_best(tmp_path, sample_chat):
+    """A val split whose masks are all 0: its loss is "n/a" in the log, null in metrics.jsonl, and no best.pt."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(sample_chat, data)
+    for mask in (data / "val").glob("*_mask.bin"):
+        mask.write_bytes(bytes(mask.stat().st_size))
+    summary, lines = run(tmp_path, str(data), model_name="novaltarget", use_loss_mask=True, max_iters=4,
+                         eval_interval=2)
+    evals = [line for line in lines if line.startswith("step ")]
+    assert len(evals) == 3 and all("val loss n/a (no target token" in line for line in evals), evals
+    assert all(float(line.split("train loss ")[1].split(",")[0]) > 0 for line in evals)
+    rows = [json.loads(line) for line in open(tmp_path / "ckpt" / "novaltarget" / "metrics.jsonl")]
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == [None, None, None]
+    assert not (tmp_path / "ckpt" / "novaltarget" / "best.pt").exists()
+    assert summary["val_loss"] is None and summary["best_val_loss"] == float("inf")
+
+
+def test_sample_interval_prints_and_records_samples(tmp_path, shakespeare_char):
+    """sample_interval N: a short sample every N iterations (and one at the end), in the log and metrics.jsonl;
+    drawing it leaves the run's random state alone, so the losses equal a run without samples."""
+    _, lines = run(tmp_path, shakespeare_char, model_name="sampled", max_iters=6, eval_interval=6, dropout=0.1,
+                   sample_interval=2)
+    samples = [line for line in lines if line.startswith("sample at iteration")]
+    assert [s.split(":")[0] for s in samples] == [f"sample at iteration {i}" for i in (2, 4, 6)]
+    rows = [json.loads(line) for line in open(tmp_path / "ckpt" / "sampled" / "metrics.jsonl")]
+    recorded = [(r["iter"], r["sample"]) for r in rows if "sample" in r]
+    assert [i for i, _ in recorded] == [2, 4, 6] and all(len(t) > 0 for _, t in recorded)
+    assert all(repr(t) in line for (_, t), line in zip(recorded, samples))
+    run(tmp_path, shakespeare_char, model_name="plain", max_iters=6, eval_interval=6, dropout=0.1)
+    assert step_losses(tmp_path, "sampled") == step_losses(tmp_path, "plain")

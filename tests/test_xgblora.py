@@ -12,9 +12,10 @@ import lora
 import prepare_dataset
 from checkpoint import load_checkpoint, load_model
 from config import ConfigError, load_config
-from conftest import SAMPLE_CHAT, SHAKESPEARE
+from conftest import SAMPLE_CHAT, SHAKESPEARE, make_hf_gpt2
 from model import GPT, GPTConfig
-from train import TrainError, apply_finetuning, get_lr, train
+from runtime import get_lr
+from train import TrainError, apply_finetuning, train
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
              warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, finetuning_type="xgblora")
@@ -95,7 +96,7 @@ def test_merges_every_n_steps_reset_the_optimizer_and_keep_the_schedule(tmp_path
     assert all(torch.count_nonzero(v) == 0 for k, v in ck["model"].items() if ".lora_B" in k)
     cfg = load_config(None, {**SMALL, "max_iters": 9})
     lrs = [r["lr"] for r in metrics(tmp_path, "steps") if "lr" in r]
-    assert lrs == [get_lr(i, cfg) for i in range(9)]  # one warmup + cosine across the merges, never restarted
+    assert lrs == [get_lr(i, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters) for i in range(9)]  # one warmup + cosine across the merges, never restarted
     # with an explicit lora_rank other than 1: a warning, rank 1 anyway
     summary, lines = run(tmp_path, sample_chat, model_name="rank4", lora_rank=4, xgblora_steps_per_iteration=2,
                          max_iters=5, eval_interval=5)
@@ -185,7 +186,6 @@ def test_too_many_layers_for_a_base_model_is_a_clear_error(tmp_path, sample_chat
 def test_the_presets_run(tmp_path, sample_chat):
     """configs/{tiny,gpt2}_{xgblora,mezo}_sft.json, shortened: the tiny ones from a tiny base, the gpt2 ones from a
     random tiny Hugging Face GPT-2 directory with gpt2-tokenized chat data."""
-    from transformers import GPT2Config, GPT2LMHeadModel
     out = str(tmp_path / "ckpt")
     short = {"max_iters": 4, "lr_decay_iters": 4, "eval_interval": 4, "eval_iters": 1, "batch_size": 2,
              "log_interval": 1, "out_dir": out}
@@ -196,10 +196,7 @@ def test_the_presets_run(tmp_path, sample_chat):
         assert train(cfg, log=lambda *a: None)["iter_num"] == 4
     assert load_checkpoint(f"{out}/chat_tiny_xgblora_merged/ckpt.pt")["lora"] is None  # merge_lora: a plain model
 
-    torch.manual_seed(0)
-    hf_dir = tmp_path / "hf_gpt2"
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2))
-    hf.save_pretrained(hf_dir)
+    hf_dir = make_hf_gpt2(tmp_path / "hf_gpt2", vocab_size=50257, n_positions=256, n_embd=32, n_layer=2, n_head=2)
     subset = tmp_path / "chat.jsonl"
     with open(SAMPLE_CHAT) as f:
         subset.write_text("".join(f.readlines()[:200]))

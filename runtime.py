@@ -1,0 +1,283 @@
+"""
+What every entry point shares at run time: the device, the distributed setup under torchrun, precision (autocast),
+the CPU malloc setting, gradient sync and the FSDP helpers, the learning-rate schedule, catching SIGINT/SIGTERM,
+and the metrics log. train.py, scaffold.py, sample.py, serve.py, evaluate.py and bench.py import it; it imports
+no project module, so every one of them can.
+"""
+
+import ctypes
+import json
+import math
+import os
+import signal
+import sys
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# devices, distributed, precision
+
+def pick_device(name="auto"):
+    """auto: CUDA if there is a GPU, else Apple's MPS, else the CPU; any other name is taken as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    return name
+
+
+def device_type_of(device):
+    return "cuda" if device.startswith("cuda") else device
+
+
+def setup_distributed(device="auto", backend="auto"):
+    """(ddp, rank, world, device). Under torchrun (RANK set) this joins the process group: NCCL on CUDA, gloo on
+    CPU, and each rank drives one device. Otherwise one process on pick_device(device)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        device = f"cuda:{local}" if backend == "nccl" else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        return ddp, rank, world, device
+    return ddp, 0, 1, pick_device(device)
+
+
+def pick_dtype(dtype, device_type):
+    """The dtype to run in for a requested one (auto | float32 | bfloat16 | float16). auto: bf16 autocast on CUDA
+    GPUs that have it (else fp16 with a grad scaler) and on CPUs with native bf16 matmuls (AVX512-BF16 / AMX:
+    measured faster there at every shape we train); fp32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device_type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bfloat16"
+    return "float32"
+
+
+def autocast_context(device_type, dtype):
+    if dtype == "float32" or device_type == "mps":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+def keep_freed_memory():
+    """CPU training: ask glibc's malloc to keep the memory a step frees for the next step. Footgun: by default it
+    hands every block over 32 MB (activations, logits) back to the kernel with munmap and asks for it again with
+    mmap, and the kernel zero-fills each page on its first touch, every step: 15-20% of a GPT-2 124M step on this
+    CPU (1.61 -> 1.37 s at batch 4 x 256, bf16). Taking all memory from the heap and never trimming it keeps the
+    process at its peak size, which a training process reaches every step anyway. No-op where glibc is absent."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+    except (OSError, AttributeError):  # another libc (musl): leave it be
+        return False
+
+
+@contextmanager
+def grad_sync_off(model):
+    """A micro-step that accumulates gradients locally without communicating: the all-reduce (DDP) or
+    reduce-scatter (FSDP) then happens once, on the last micro-step of the optimizer step."""
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)  # FSDP2 (fully_shard) has a switch, not a context manager
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP (fsdp: true under torchrun): parameters, gradients and optimizer state sharded across ranks
+
+def shard_model(model, device_type, world):
+    """Shard the model in place with FSDP2 (fully_shard) and move each rank's shard to its device: the whole model
+    never has to fit on one device. Each block is its own unit (only one block's full weights exist at a time in
+    forward and backward); the root unit keeps the embeddings, ln_f and the tied lm_head together, so the tie
+    survives. Parameters become DTensors: build the optimizer after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device_type, (world,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_model_state(model):
+    """FSDP: the full (unsharded) state dict gathered onto rank 0's CPU; other ranks get {}. Collective: every rank
+    must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer, fsdp):
+    """The optimizer state in torch's usual format (parameters numbered in group order) also under FSDP, so a
+    checkpoint resumes with or without FSDP, on any number of ranks. FSDP: collective; None on ranks other than 0.
+    Footgun: the torch.distributed.checkpoint helpers fill an empty optimizer state with a zero-lr step first, which
+    changes Adam's step count: before the first step the (empty) state is taken as it is."""
+    if not fsdp or not optimizer.state:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    named = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not named:
+        return None
+    ids = {name: i for i, name in enumerate(n for g in named["param_groups"] for n in g["params"])}
+    return {"state": {ids[name]: s for name, s in named["state"].items()},
+            "param_groups": [dict(g, params=[ids[n] for n in g["params"]]) for g in named["param_groups"]]}
+
+
+def load_optimizer_state(model, optimizer, state, fsdp):
+    """Inverse of optimizer_state. FSDP: every rank passes the full state and keeps its own shard of it."""
+    if not fsdp or not state["state"]:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    name_of = {p: n for n, p in model.named_parameters()}
+    names = [name_of[p] for g in optimizer.param_groups for p in g["params"]]  # the numbering of optimizer_state
+    named = {"state": {names[i]: s for i, s in state["state"].items()},
+             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the backprop step
+
+def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=None, optimizer=None, ddp=False, world=1):
+    """The micro-steps of one optimizer step. Leaves in .grad the gradient of sum(mask * ce) / sum(mask) taken over
+    every target of every micro-batch on every rank, so gradient accumulation (and DDP) equals one big batch
+    exactly, masked or not; returns that loss. Each micro-step backpropagates its *sum*; the division by the global
+    count happens once at the end (a window with no mask-1 target adds 0 and no gradient)."""
+    batches = iter(batches)
+    batch = next(batches)
+    loss_sum_total = count_total = 0.0
+    while batch is not None:
+        following = next(batches, None)  # look ahead: under DDP only the last micro-step all-reduces the grads
+        with grad_sync_off(model) if (ddp and following is not None) else nullcontext():
+            with ctx:
+                # loss_only: the (B, T, V) logits are never built whole (model.ChunkedCrossEntropy), the largest
+                # memory saving of a GPT-2 step
+                # a packed batch (data.PackedLoader) also carries position and document ids (model.packed_inputs)
+                packed = {"position_ids": batch[3], "doc_ids": batch[4]} if len(batch) == 5 else {}
+                _, loss_sum = model(batch[0], batch[1], batch[2] if use_loss_mask else None, loss_reduction="sum",
+                                    loss_only=True, **packed)
+            (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
+        count_total = count_total + (batch[2].sum().float() if use_loss_mask else (batch[1] != -1).sum().float())
+        loss_sum_total = loss_sum_total + loss_sum.detach().float()
+        batch = following
+    device = next(model.parameters()).device
+    stats = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device).reshape(())
+                         for x in (loss_sum_total, count_total)])  # (2,): a count may be a python float
+    if ddp:
+        dist.all_reduce(stats)
+    count = stats[1].clamp(min=1.0)
+    if scaler is not None and optimizer is not None:
+        scaler.unscale_(optimizer)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(world / count)  # DDP averaged the grads over ranks: undo that, divide by the global count
+    return (stats[0] / count).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the schedule, signals
+
+def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, decay_lr=True):
+    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@contextmanager
+def stop_signals():
+    """SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption) do not kill a training loop mid-step: inside this
+    context they are recorded in the yielded list, and the loop finishes its step, saves and exits. The old
+    handlers come back on leaving."""
+    received = []
+    old = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per log/eval line) and loss.png drawn from it when matplotlib is installed."""
+
+    def __init__(self, folder, start_iter, enabled):
+        self.path = os.path.join(folder, "metrics.jsonl")
+        self.png = os.path.join(folder, "loss.png")
+        self.enabled = enabled
+        if enabled and os.path.exists(self.path):  # resume: drop what came after the checkpoint we go on from
+            kept = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("iter", 0) <= start_iter]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def plot(self):
+        if not self.enabled:
+            return
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        rows = read_metrics(self.path)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        tr = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
+        if tr:
+            ax.plot(*zip(*tr), label="train (per step)", alpha=0.5, lw=0.8)
+        for key, label in (("train_loss", "train (eval)"), ("val_loss", "val")):
+            pts = [(r["iter"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.set_xlabel("iteration"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.png + ".tmp.png", dpi=100)
+        plt.close(fig)
+        os.replace(self.png + ".tmp.png", self.png)
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl; a line cut short by a killed process is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
