@@ -18,7 +18,7 @@ import train
 from config import load_config
 from conftest import SAMPLE_CHAT, SHAKESPEARE, run_cli
 from data import BatchLoader, DataError, PackedLoader, Split
-from model import GPT, GPTConfig, packed_inputs
+from model import GPT, DocumentMask, GPTConfig, _flex_block_mask, flex_attention, packed_inputs
 from runtime import forward_backward
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=48, batch_size=4, eval_iters=2, log_interval=1,
@@ -324,3 +324,16 @@ def test_packing_on_text_trains(tmp_path):
     summary, lines = run(tmp_path, data, model_name="text", use_loss_mask=False, max_iters=3, eval_interval=3)
     assert any("packing 1 train documents (1 longer than block_size 48" in line for line in lines)
     assert np.isfinite(summary["val_loss"])
+
+
+@pytest.mark.skipif(flex_attention is None, reason="this torch has no FlexAttention")
+def test_flexattention_block_mask_equals_the_sdpa_mask():
+    """The block mask CUDA uses under compile, run here through FlexAttention's eager (reference) path on CPU, gives
+    what the SDPA mask gives: same documents, causal, padding on its own."""
+    torch.manual_seed(0)
+    doc = torch.tensor([[0] * 10 + [1] * 20 + [-1] * 10, [0] * 25 + [1] * 15])
+    q, k, v = (torch.randn(2, 2, 40, 8) for _ in range(3))
+    mask = DocumentMask(doc)
+    sdpa = mask.attend(q, k, v, 0.0)
+    mask.block_mask = _flex_block_mask(doc)
+    assert (mask.attend(q, k, v, 0.0) - sdpa).abs().max() < 1e-5
