@@ -337,3 +337,14 @@ def test_flexattention_block_mask_equals_the_sdpa_mask():
     sdpa = mask.attend(q, k, v, 0.0)
     mask.block_mask = _flex_block_mask(doc)
     assert (mask.attend(q, k, v, 0.0) - sdpa).abs().max() < 1e-5
+
+
+def test_bench_packing_counts_only_the_tokens_trained(small_chat):
+    import bench
+    shape = dict(n_layer=1, n_head=2, n_embd=32)
+    r = bench.packing_comparison(small_chat, shape, 4, 48, repeats=1, inner=1)
+    loader = PackedLoader(small_chat, "train", 4, 48)
+    assert r["fill"] == pytest.approx(loader.n.sum() / (loader.rows_per_epoch * 48)) and 0.5 < r["fill"] < 1
+    packed_s, windows_s = (r["samples"][k]["wall"][0] for k in ("packed", "random windows"))
+    assert r["tokens_per_s"]["packed"] == pytest.approx(r["fill"] * 4 * 48 / packed_s)
+    assert r["tokens_per_s"]["random windows"] == pytest.approx(4 * 48 / windows_s)
