@@ -14,8 +14,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+from errors import GPTLabError
 
-class ConfigError(ValueError):
+
+class ConfigError(GPTLabError, ValueError):
     """A bad setting: the message names the key (and the file) and what would be valid."""
 
 
