@@ -26,7 +26,8 @@ one no implementation could meet.
 The references: transformers' GPT2LMHeadModel at the same shape (training step and generate), raw tiktoken
 encode_ordinary_batch over the same text (preparation), the batches per second training consumes (loader),
 GPT2LMHeadModel.from_pretrained on the same checkpoint (conversion), full fine-tuning (LoRA memory), random
-windows of the same chat data (packing: real, non-pad tokens trained per second).
+windows of the same chat data (packing: real, non-pad tokens trained per second); for serve.py
+(a real server process, streaming HTTP clients): one client alone, and sample.py's path in this process.
 """
 
 import argparse
@@ -49,7 +50,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing", "sample", "lora_memory")
+from errors import GPTLabError, one_line_errors  # noqa: E402
+
+SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing", "sample", "serve", "lora_memory")
 NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
 EXTRA_SECTIONS = ("compile_tiny", "train_gpu")  # opt-in: torch.compile on CPU (slow to compile), GPU only
 REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
@@ -60,8 +63,8 @@ GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
 HF_SETTINGS = (("float32", "sdpa"), ("bfloat16", "sdpa"), ("float32", "eager"), ("bfloat16", "eager"))
 
 
-class BenchError(RuntimeError):
-    pass
+class BenchError(GPTLabError, RuntimeError):
+    """A section that cannot run here (no corpus, no GPU) or a measurement process that failed."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -614,6 +617,146 @@ def section_sample(ws, args):
                 f"same tokens: {'yes' if same_full else 'NO'}")], res
 
 
+def served_checkpoint(ws):
+    """A random-weight GPT-2 124M (our model, GPT-2's tokenizer) saved as a project checkpoint for serve.py."""
+    from checkpoint import atomic_save, make_checkpoint
+    from tokenizer import Tokenizer
+    out = os.path.join(ws.tmp, "serve_checkpoints")
+    torch.manual_seed(0)
+    model = our_model(GPT2_124M, 50304, 1024, bias=True)
+    ckpt = make_checkpoint(model.state_dict(), vars(model.config), {}, Tokenizer("gpt2").state_dict())
+    atomic_save(ckpt, os.path.join(out, "gpt2_124m", "ckpt.pt"))
+    return out, "gpt2_124m"
+
+
+def stream_completion(url, prompt, max_tokens, progress=None):
+    """One streaming POST /v1/completions (greedy) over a plain connection: (start time, arrival time of each
+    chunk, completion tokens). progress: an Event set once 4 chunks have come (the request is mid-stream)."""
+    from urllib.parse import urlparse
+    import http.client
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=900)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise BenchError(f"serve.py answered {resp.status}: {resp.read()[:200]}")
+    times, tokens = [], None
+    for line in resp:
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+                if progress is not None and len(times) == 4:
+                    progress.set()
+        elif line.startswith(b"data: [DONE]"):
+            break
+    conn.close()
+    return t0, times, tokens
+
+
+def section_serve(ws, args):
+    """serve.py at the GPT-2 124M shape (random weights, GPT-2's tokenizer), CPU, fp32, a real server process
+    and HTTP streaming clients (threads here): aggregate tokens/s of 8 concurrent clients against one alone; the
+    time to first token of a request that arrives while 7 others stream, against the same request alone; and the
+    per-token latency of one stream against sample.py's path (the same engine in this process, no HTTP)."""
+    import signal
+    import threading
+    from checkpoint import load_model
+    from sample import Sampler
+    from tokenizer import Tokenizer
+    n_new, repeats = (32, 2) if args.quick else (64, 3)
+    out, name = served_checkpoint(ws)
+    with open(ws.corpus("pride_and_prejudice_pg1342.txt")) as f:
+        text = f.read()
+    tok = Tokenizer("gpt2")
+    prompts = [tok.decode(tok.encode(text[5000 + 700 * i:6000 + 700 * i])[:31]) for i in range(8)]  # + BOS: 32
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
+    server = subprocess.Popen([sys.executable, "serve.py", "--out_dir", out, "--model_name", name, "--port", "0",
+                               "--dtype", "float32", "--max_batch_size", "8"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if " at http://" not in line:
+            raise BenchError(f"serve.py did not start: {line}{server.stderr.read()[-300:]}")
+        url = line.split(" at ")[1].split()[0]
+        model, _, ckpt = load_model(name, out)
+        sampler = Sampler(model, tok, ckpt, "cpu", "float32")
+
+        def concurrent(n, max_tokens, late=None):
+            """n clients at once; with `late`, one more request (late max_tokens) sent once all n are mid-stream:
+            returns the n results and the late one's."""
+            res, marks = [None] * n, [threading.Event() for _ in range(n)]
+
+            def client(i):
+                res[i] = stream_completion(url, prompts[i], max_tokens, marks[i])
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            late_res = None
+            if late:
+                for m in marks:
+                    m.wait()
+                late_res = stream_completion(url, prompts[7], late)
+            for t in threads:
+                t.join()
+            return res, late_res
+
+        def sample_path():
+            times = []
+
+            class Clock:
+                def write(self, piece):
+                    if piece:
+                        times.append(time.perf_counter())
+
+                def flush(self):
+                    pass
+            ids = [tok.eot_token] + tok.encode(prompts[0])
+            sampler.stream(ids, n_new, stop_at_eot=False, out=Clock(), temperature=0)
+            return times
+
+        def per_token(times, tokens):  # first to last piece: tokens - 1 decode steps (held-back text merges pieces)
+            return (times[-1] - times[0]) / (tokens - 1)
+
+        concurrent(1, 4)  # warm-up: first-call costs on both sides
+        sample_path()
+        figs = collections.defaultdict(list)
+        for _ in range(repeats):  # round-robin, as `interleaved`
+            (alone,), _ = concurrent(1, n_new)
+            figs["alone_tps"].append(alone[2] / (alone[1][-1] - alone[0]))
+            figs["serve_ms_per_token"].append(1000 * per_token(alone[1], alone[2]))
+            many, _ = concurrent(8, n_new)
+            figs["batch8_tps"].append(sum(r[2] for r in many) / (max(r[1][-1] for r in many) - min(r[0] for r in many)))
+            figs["sample_ms_per_token"].append(1000 * per_token(sample_path(), n_new))
+            _, late = concurrent(7, n_new, late=8)
+            figs["ttft_busy_ms"].append(1000 * (late[1][0] - late[0]))
+            (quiet,), _ = concurrent(1, 8)
+            figs["ttft_alone_ms"].append(1000 * (quiet[1][0] - quiet[0]))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    med = {k: statistics.median(v) for k, v in figs.items()}
+    res = {"new_tokens": n_new, "repeats": repeats, "median": med, "samples": dict(figs)}
+    what = f"serve.py 124M (CPU, fp32, {n_new} new tokens, 32-token prompts)"
+    speedup = med["batch8_tps"] / med["alone_tps"]
+    overhead = med["serve_ms_per_token"] / med["sample_ms_per_token"]
+    ratios = [b / a for a, b in zip(figs["alone_tps"], figs["batch8_tps"])]
+    return [row(f"{what}: aggregate tokens/s, 8 concurrent streaming clients vs 1 alone", fmt_tps(med["batch8_tps"]),
+                fmt_tps(med["alone_tps"]) + " (1 client)", f"{speedup:.2f}x", ">= 4x", speedup >= 4,
+                f"per repeat {min(ratios):.2f}x-{max(ratios):.2f}x"),
+            row(f"{what}: time to first token of a request arriving while 7 others stream, vs alone",
+                f"{med['ttft_busy_ms']:.0f} ms", f"{med['ttft_alone_ms']:.0f} ms (alone)",
+                f"{med['ttft_busy_ms'] / med['ttft_alone_ms']:.2f}x", "(reported)", None),
+            row(f"{what}: per-token latency at batch 1, HTTP stream vs sample.py's path (same engine, no server)",
+                f"{med['serve_ms_per_token']:.1f} ms/token", f"{med['sample_ms_per_token']:.1f} ms/token (sample.py)",
+                f"{overhead:.2f}x", "<= 1.1x", overhead <= 1.1)], res
+
+
 def section_prepare(ws, args):
     """prepare_dataset.prepare (gpt2, 2 workers, shards written) vs tiktoken's encode_ordinary_batch on the same
     text cut into the same ~1 MB blocks, both measured as tokens per second of the whole call."""
@@ -854,6 +997,7 @@ def details(results):
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=",".join(SECTIONS),
@@ -874,8 +1018,7 @@ def main(argv=None):
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS + EXTRA_SECTIONS]
     if unknown:
-        print(f"error: unknown section '{unknown[0]}': choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}", file=sys.stderr)
-        sys.exit(1)
+        raise BenchError(f"unknown section '{unknown[0]}': choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}")
     sections.sort(key=(SECTIONS + EXTRA_SECTIONS).index)  # the sections without models first (see the loop)
     import platform
     header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
@@ -894,11 +1037,7 @@ def main(argv=None):
                 runtime.keep_freed_memory()
             t = time.perf_counter()
             print(f"[{name}] ...", file=sys.stderr, flush=True)
-            try:
-                r, res = globals()[f"section_{name}"](ws, args)
-            except BenchError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(1)
+            r, res = globals()[f"section_{name}"](ws, args)
             res["seconds"] = time.perf_counter() - t
             rows += r
             results[name] = res

@@ -196,6 +196,8 @@ def read_settings(config_file, overrides, dataclass_type, missing_hint="presets 
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config_file}: not UTF-8 text (a config file is JSON)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{config_file}: must hold a JSON object of settings")
         sources.append((config_file, data))

@@ -43,6 +43,8 @@ def read_metadata(dataset_dir):
         raise DataError(f"{path}: missing (prepare the dataset with prepare_dataset.py)") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-run prepare_dataset.py") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; re-run prepare_dataset.py") from None
     for key in ("token_dtype", "vocab_size", "splits"):
         if key not in meta:
             raise DataError(f"{path}: no '{key}' entry; re-run prepare_dataset.py")

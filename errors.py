@@ -27,6 +27,10 @@ class MissingFileError(GPTLabError, FileNotFoundError):
     """A file or folder that should exist does not: the message names it and what makes it."""
 
 
+class ExistsError(GPTLabError, FileExistsError):
+    """An output that is already there and must not be overwritten: the message says how to replace it."""
+
+
 def first_line(e):
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

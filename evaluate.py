@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, latest_model_name, load_model, model_dir
-from data import DataError, Split, read_metadata
+from data import Split, read_metadata
+from errors import GPTLabError, MissingFileError, one_line_errors
+from runtime import pick_device
 from sample import Sampler
 from tokenizer import Tokenizer, chat_prompt
 
 
-class EvalError(ValueError):
+class EvalError(GPTLabError, ValueError):
     """A request evaluate.py cannot do: the message says what and how to fix it."""
 
 
@@ -141,7 +143,7 @@ def load_tokens(args, tok, use_mask):
     """[(tokens, mask or None)] per shard of the data to score, and a description of where it came from."""
     if args.text_file:
         if not os.path.isfile(args.text_file):
-            raise FileNotFoundError(f"{args.text_file}: text file not found")
+            raise MissingFileError(f"{args.text_file}: text file not found")
         with open(args.text_file, encoding="utf-8", errors="replace") as f:
             text = f.read()
         try:
@@ -160,7 +162,7 @@ def eval_windows(shards, block_size, prepend_bos, bos_token, max_windows):
     T = block_size
     picks = [(s, a) for s, (toks, _) in enumerate(shards) for a in range(1, len(toks) - T + 1, T)]
     if not picks:
-        longest = max(len(t) for t, _ in shards)
+        longest = max((len(t) for t, _ in shards), default=0)  # a split with no shard at all: 0
         raise EvalError(f"no window of {T} targets fits in the data (longest shard: {longest} tokens): lower "
                         f"--block_size or score more data")
     if max_windows and len(picks) > max_windows:  # spread evenly over the whole split, not just its beginning
@@ -295,7 +297,7 @@ def samples(model, tok, ckpt, args, device, settings):
 
 def run(args, log=print):
     """Everything evaluate.py measures, as a dict (what --json writes)."""
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     sweep = parse_sweep(args.sweep) if args.sweep else []
     if args.scaling_factor is not None:
         check_factor(args.scaling_factor, "--scaling_factor")
@@ -405,14 +407,9 @@ def run(args, log=print):
     return report
 
 
+@one_line_errors
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (EvalError, CheckpointError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """
-Hugging Face GPT-2 <-> this project's GPT: state dicts, config.json, tokenizer files (convert_hf.py is the command
-line on top of it; checkpoint.py reads a Hugging Face base through it).
+Hugging Face GPT-2 <-> this project's GPT: state dicts, config.json, tokenizer files, a chat model's chat template
+and generation config, peft adapter directories (convert_hf.py is the command line on top of it; checkpoint.py
+reads a Hugging Face base through it; hf_adapters.py maps adapters and renders the chat template).
 
 The two models compute the same function; only the storage differs:
 - HF's attention and MLP layers are Conv1D, whose weight is (in, out); ours are nn.Linear, (out, in). Every
@@ -26,8 +27,9 @@ import zipfile
 
 import torch
 
+import hf_adapters
 import lora
-from errors import InputError, MissingFileError
+from errors import ExistsError, InputError, MissingFileError
 from model import GPT, GPTConfig
 from tokenizer import EOT_TEXT, Tokenizer, bytes_to_unicode
 
@@ -358,16 +360,17 @@ def write_gpt2_tokenizer_files(tokenizer, out_dir):
                    "unk_token": EOT_TEXT, "add_prefix_space": False}, f, indent=2)
 
 
-def _replace_dir(tmp, out_dir):
+def _replace_dir(tmp, out_dir, marker="config.json", flag="--export_dir"):
     """Move the finished tmp dir to out_dir. A directory cannot be renamed over a non-empty one, so an old export
-    is first moved aside, then deleted. Anything at out_dir that is not an old export is left alone (refused)."""
+    is first moved aside, then deleted. Anything at out_dir that is not an old export (holding `marker`) is left
+    alone (refused)."""
     old = None
     if os.path.isfile(out_dir):
-        raise InputError(f"{out_dir}: is a file; --export_dir must be a directory (new, or a previous export)")
+        raise InputError(f"{out_dir}: is a file; {flag} must be a directory (new, or a previous export)")
     if os.path.exists(out_dir):
-        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, "config.json")):
-            raise InputError(f"{out_dir}: exists and is not a previous export (no config.json): choose another "
-                                  f"--export_dir or remove it")
+        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, marker)):
+            raise ExistsError(f"{out_dir}: exists and is not a previous export (no {marker}): choose another "
+                             f"{flag} or remove it")
         old = f"{out_dir}.old.{os.getpid()}"
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
@@ -375,11 +378,12 @@ def _replace_dir(tmp, out_dir):
         shutil.rmtree(old)
 
 
-def export_hf(model, tokenizer, out_dir, vocab_size=None):
+def export_hf(model, tokenizer, out_dir, vocab_size=None, chat=False):
     """Write `model` as a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer files) that
     GPT2LMHeadModel.from_pretrained loads. LoRA adapters are merged into a copy (the caller's model is untouched).
     vocab_size: rows of wte to keep; default the tokenizer's vocab size (50257 for gpt2), cutting our padding,
-    or every row when the model has fewer rows than the tokenizer has ids."""
+    or every row when the model has fewer rows than the tokenizer has ids. chat: a chat model, which also gets
+    the chat template and a generation config that stops at the end of a turn (write_chat_files)."""
     from safetensors.torch import save_file
 
     if model.config.use_bos_zero_training and model.config.bos_scaling_factor != 1.0:
@@ -401,8 +405,90 @@ def export_hf(model, tokenizer, out_dir, vocab_size=None):
             json.dump(hf_config(model, vocab_size, tokenizer), f, indent=2)
         if tokenizer.kind == "gpt2":
             write_gpt2_tokenizer_files(tokenizer, tmp)
+        if chat:
+            write_chat_files(tokenizer, tmp)
         tokenizer.save(os.path.join(tmp, "tokenizer_state.json"))  # the project's own view (keeps char vocabs)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat files, and peft adapter directories (the mapping of their contents is hf_adapters.py)
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_chat_files(tokenizer, out_dir, generation=True):
+    """A chat model's extras in an export being written: the chat template in tokenizer_config.json (gpt2
+    tokenizers, which have HF tokenizer files) and generation_config.json, whose eos ends an assistant turn."""
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+        config["chat_template"] = hf_adapters.chat_template()
+        _write_json(config, config_path)
+    if generation:
+        _write_json(hf_adapters.generation_config(tokenizer), os.path.join(out_dir, "generation_config.json"))
+
+
+def has_project_chat_template(*dirs):
+    """True when a tokenizer_config.json in one of dirs carries this project's chat template."""
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "tokenizer_config.json")) as f:
+                if json.load(f).get("chat_template") == hf_adapters.chat_template():
+                    return True
+        except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object
+            continue
+    return False
+
+
+def write_peft_adapter(state, config, adapter_dir, tokenizer=None):
+    """adapter_model.safetensors + adapter_config.json (+ the tokenizer files with the chat template, for a chat
+    model: peft users keep them beside an adapter) into adapter_dir, written in a temp dir and renamed."""
+    from safetensors.torch import save_file
+
+    tmp = f"{adapter_dir.rstrip(os.sep)}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _write_json(config, os.path.join(tmp, ADAPTER_CONFIG))
+        if tokenizer is not None and tokenizer.kind == "gpt2":
+            write_gpt2_tokenizer_files(tokenizer, tmp)
+            write_chat_files(tokenizer, tmp, generation=False)
+        _replace_dir(tmp, adapter_dir, marker=ADAPTER_CONFIG, flag="--export_adapter_dir")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return adapter_dir
+
+
+def read_peft_adapter(adapter_dir):
+    """A peft adapter directory -> (adapter_config dict, tensors, weights path), with one-line errors; a config
+    that is not plain LoRA is refused before the weights are read."""
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isdir(adapter_dir):
+        raise MissingFileError(f"{adapter_dir}: no such directory (expected a peft adapter directory with "
+                               f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise MissingFileError(f"{config_path}: not found; --adapter_dir must be a peft adapter directory "
+                               f"(PeftModel.save_pretrained writes {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{config_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: holds a {type(config).__name__}, expected a JSON object")
+    hf_adapters.check_peft_config(config, config_path)
+    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.exists(weights) and os.path.exists(os.path.join(adapter_dir, "adapter_model.bin")):
+        weights = os.path.join(adapter_dir, "adapter_model.bin")  # older peft
+    return config, _load_weights_file(weights), weights

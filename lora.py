@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from errors import InputError
+
 # target name -> (module path inside a Block, which output rows: None = all, else the index of the C-wide slice)
 TARGETS = {
     "q": ("attn.c_attn", 0),
@@ -153,13 +155,13 @@ def _check_targets(targets):
         targets = ALL_TARGETS if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
     targets = list(targets)
     if not targets:
-        raise ValueError(f"lora targets are empty: name some of {', '.join(TARGETS)} (or 'all')")
+        raise InputError(f"lora targets are empty: name some of {', '.join(TARGETS)} (or 'all')")
     for t in targets:
         if t not in TARGETS:
             hint = " ('c_proj' is ambiguous: say attn.c_proj or mlp.c_proj)" if t == "c_proj" else ""
-            raise ValueError(f"unknown lora target '{t}'{hint}: valid targets are {', '.join(TARGETS)} or 'all'")
+            raise InputError(f"unknown lora target '{t}'{hint}: valid targets are {', '.join(TARGETS)} or 'all'")
     if "c_attn" in targets and any(t in targets for t in ("q", "k", "v")):
-        raise ValueError("lora targets name both c_attn and q/k/v, which are slices of c_attn: use one or the other")
+        raise InputError("lora targets name both c_attn and q/k/v, which are slices of c_attn: use one or the other")
     return targets
 
 
@@ -168,15 +170,15 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets="all", layers=None):
     and freeze every other parameter. Returns the names of the adapted modules (h.0.attn.c_attn, ...)."""
     targets = _check_targets(targets)
     if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
-        raise ValueError(f"lora needs rank >= 1, alpha > 0 and dropout in [0, 1): got rank={rank}, alpha={alpha}, "
+        raise InputError(f"lora needs rank >= 1, alpha > 0 and dropout in [0, 1): got rank={rank}, alpha={alpha}, "
                          f"dropout={dropout}")
     blocks = model.transformer.h
     layers = list(range(len(blocks))) if layers is None else sorted(set(layers))
     if not layers:
-        raise ValueError("lora layers is an empty list: give layer indices, or None for every layer")
+        raise InputError("lora layers is an empty list: give layer indices, or None for every layer")
     for i in layers:
         if not 0 <= i < len(blocks):
-            raise ValueError(f"lora layer {i} does not exist: the model has layers 0..{len(blocks) - 1}")
+            raise InputError(f"lora layer {i} does not exist: the model has layers 0..{len(blocks) - 1}")
     # group the targets by module: q and v both land on attn.c_attn, as two slices of one LoRALinear
     wanted = {}
     for t in targets:

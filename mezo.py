@@ -29,6 +29,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from errors import InputError
 from model import packed_inputs
 
 CHUNK = 1 << 21  # elements per slice of a parameter in each pass: 8 MiB fp32 buffers, few enough op launches
@@ -154,12 +155,12 @@ def zo_step(model, batch, lr, eps, weight_decay=0.0, seed=0, use_loss_mask=False
     Under torch.distributed every rank uses the same seed (so the same z) and the losses are summed over ranks
     before the update, so all ranks take the same step and stay identical."""
     if eps <= 0:
-        raise ValueError(f"MeZO needs eps > 0 (zo_eps), got {eps}")
+        raise InputError(f"MeZO needs eps > 0 (zo_eps), got {eps}")
     if use_loss_mask and len(batch) < 3:
-        raise ValueError("use_loss_mask is on but the batch has no mask: the loader must be built with use_mask")
+        raise InputError("use_loss_mask is on but the batch has no mask: the loader must be built with use_mask")
     params = trainable_parameters(model)
     if not params:
-        raise ValueError("MeZO found no trainable parameters (requires_grad is off everywhere)")
+        raise InputError("MeZO found no trainable parameters (requires_grad is off everywhere)")
     was_training = model.training
     model.eval()  # no dropout: loss+ and loss- must see the same network apart from the perturbation
     record = perturb_first(params, seed, eps)

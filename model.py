@@ -24,6 +24,8 @@ try:  # FlexAttention (torch >= 2.5): on CUDA under torch.compile it skips the b
 except ImportError:
     create_block_mask = flex_attention = None
 
+from errors import InputError
+
 
 @dataclass
 class GPTConfig:
@@ -52,7 +54,9 @@ class LayerNorm(nn.Module):
 
 class KVCache:
     """Keys and values of every layer, preallocated for the whole generation: k, v are (n_layer, B, nh, T_max, hs).
-    `pos` counts the tokens already cached; GPT.forward advances it after the last layer."""
+    `pos` counts the tokens already cached; GPT.forward advances it after the last layer. Every row has the same
+    length here; engine.py's cache holds rows of different lengths (a (B,) tensor `pos` and a key mask)."""
+    mask = None  # (B, 1, T, Tk) bool: which cached keys each row's queries may see; None: all of them
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_size):
         self.shape = (n_layer, batch_size, n_head, max_len, head_size)
@@ -124,8 +128,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        rows_mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
+            rows_mask = kv_cache.mask  # rows of different lengths (engine.py): each sees only its own keys
         Tk = k.size(2)
         # PyTorch's fused CPU attention kernel is slow in bf16 on short sequences: there the written-out product
         # below makes the whole training step 1.5x faster at the same loss (bench.py, AVX512-BF16 CPU, up to 512
@@ -139,6 +145,8 @@ class CausalSelfAttention(nn.Module):
             else:
                 future = torch.full((T, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(Tk - T + 1)  # (T, Tk)
             att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1) + future  # (B, nh, T, Tk)
+            if rows_mask is not None:
+                att = att.masked_fill(~rows_mask, float("-inf"))
             att = F.softmax(att, dim=-1)
             if attn_out is not None:
                 attn_out.append(att.detach())
@@ -147,6 +155,9 @@ class CausalSelfAttention(nn.Module):
             dropout_p = self.dropout if self.training else 0.0
             if doc_mask is not None:  # packed rows: block-diagonal causal
                 y = doc_mask.attend(q, k, v, dropout_p)
+            elif rows_mask is not None:  # one new token per row, rows of different lengths (engine.py)
+                assert T == 1, "a per-row key mask is for one-token decode steps"
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, dropout_p=dropout_p)
             elif Tk == T:  # whole sequence at once: training, evaluation, prefill
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
             elif T == 1:  # one new token attends to everything cached: no mask needed
@@ -260,14 +271,6 @@ def scale_first_position(x, factor):
     return x * scale  # (B, T, C)
 
 
-def scale_positions_zero(x, position_ids, factor):
-    """BOS zero training on packed rows: multiply the (B, T, C) input at every position id 0 (each conversation's
-    BOS) by factor, the same product as scale_first_position."""
-    scale = torch.ones(*position_ids.shape, 1, dtype=x.dtype, device=x.device)  # (B, T, 1)
-    scale.masked_fill_((position_ids == 0)[..., None], factor)
-    return x * scale  # (B, T, C)
-
-
 def packed_inputs(batch):
     """What GPT.forward takes from a batch beyond (X, Y, M): the position and document ids of a packed batch
     (data.PackedLoader's (X, Y, M, P, D)); {} for a batch of random windows."""
@@ -315,20 +318,30 @@ class GPT(nn.Module):
 
     def embed(self, idx, start_pos=0, position_ids=None):
         """Token + position embedding of (B, T) ids starting at absolute position start_pos -> (B, T, C).
-        position_ids (B, T): packed rows, whose positions restart at 0 for every conversation."""
+        start_pos is an int, or a (B,) tensor: each row's own start (engine.py's rows of different lengths).
+        position_ids (B, T): a position per token (data.PackedLoader's rows, restarting at 0 per conversation)."""
+        if torch.is_tensor(start_pos):
+            position_ids = start_pos[:, None] + torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (B, T)
         if position_ids is not None:
-            x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, C)
-            if self.config.use_bos_zero_training:
-                x = scale_positions_zero(x, position_ids, self.config.bos_scaling_factor)
-            return self.transformer.drop(x)
+            return self._embed_positions(idx, position_ids)
         T = idx.size(1)
         if start_pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {start_pos + T} tokens is longer than the model's block_size "
+            raise InputError(f"sequence of {start_pos + T} tokens is longer than the model's block_size "
                              f"{self.config.block_size}")
         pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         if self.config.use_bos_zero_training and start_pos == 0:
             x = scale_first_position(x, self.config.bos_scaling_factor)  # only ever absolute position 0
+        return self.transformer.drop(x)
+
+    def _embed_positions(self, idx, pos):
+        """embed() with a position per token: (B, T) ids and positions; BOS zero scales every position 0 (each row's
+        or each packed conversation's BOS). The caller keeps positions inside block_size (checking here would cost
+        a device sync per decode step)."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        if self.config.use_bos_zero_training:  # the same product as scale_first_position, row by row
+            scale = torch.where(pos == 0, self.config.bos_scaling_factor, 1.0).to(x.dtype)  # (B, T)
+            x = x * scale[..., None]
         return self.transformer.drop(x)
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, attn_out=None, last_only=False,
@@ -382,14 +395,7 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and norms.
-        Only parameters that require grad are optimised (LoRA freezes the rest)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type in ("cuda", "cpu")  # one kernel, not ~10 ops per tensor: 3-7x faster step on CPU
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return configure_adamw(self.parameters(), weight_decay, learning_rate, betas, device_type)
 
     def estimate_mfu(self, tokens_per_second, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (PaLM appendix B formula)."""
@@ -452,6 +458,18 @@ class GPT(nn.Module):
         """Like nanoGPT's generate: returns (B, T + n) ids, prompt included (n < max_new_tokens if all rows stop)."""
         out = [idx] + [t[:, None] for t in self.generate_stream(idx, max_new_tokens, **kwargs)]
         return torch.cat(out, dim=1)
+
+
+def configure_adamw(parameters, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and norms.
+    Only parameters that require grad are optimised (LoRA freezes the rest). GPT.configure_optimizers and the
+    scaffold's fused model (scaffold.py) both build their optimizer here."""
+    params = [p for p in parameters if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type in ("cuda", "cpu")  # one kernel, not ~10 ops per tensor: 3-7x faster step on CPU
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -3,6 +3,8 @@ Dataset preparation: text or chat files -> token shards (+ loss masks) + metadat
 
     python prepare_dataset.py --input_files corpus.txt --out_dir data/corpus --tokenization gpt2 --format text
     python prepare_dataset.py --input_files chats.jsonl --out_dir data/chats --tokenization char --format chat
+    python prepare_dataset.py --input_files train-00000-of-00002.parquet train-00001-of-00002.parquet \
+        --out_dir data/chats --format chat                 # Parquet: the same records, as Hugging Face sets ship them
 
 Output (read by data.py):
     D/train/shard_00000.bin ...       raw token ids, no header; uint16 when vocab_size <= 65536, else uint32
@@ -15,14 +17,16 @@ Output (read by data.py):
 
 Text format: every document is followed by the end-of-text token. A plain text file is one document whose last
 val_fraction of bytes (cut at a line boundary) is a second, validation document; a JSONL file holds one document
-per line ({"text": ...}), each sent to val with probability val_fraction.
+per line ({"text": ...}, or the field --text_field names), each sent to val with probability val_fraction.
+Parquet files (pyarrow) hold records as rows, read wherever JSONL is: a row is the record, its columns the fields
+(a null is a missing field), so a Parquet file and the same records as JSONL give byte-identical shards.
 Chat format: every record is one conversation in one of four schemas (OpenAI messages, ShareGPT conversations,
 Alpaca instruction/output, prompt/completion), rendered with tokenizer.render_chat, the same template sample.py
 uses. Each split's stream starts with one end-of-text token so that every conversation follows one.
 
-Memory stays flat however large the corpus: inputs are read in ~1 MB chunks (text blocks cut at a newline, or
-runs of JSONL lines), tokenized (optionally by a pool of worker processes, order preserved), and appended to
-the open shard files. Everything is written into D.tmp-<pid> and renamed to D only when complete.
+Memory stays flat however large the corpus: inputs are read in ~1 MB chunks (text blocks cut at a newline, runs
+of JSONL lines, or batches of Parquet rows read one row group at a time), tokenized (optionally by a pool of worker
+processes, order preserved), and appended to the open shard files. Everything is written into D.tmp-<pid> and renamed to D only when complete.
 """
 
 import argparse
@@ -35,22 +39,17 @@ import time
 from collections import Counter, deque
 from contextlib import closing
 from datetime import datetime, timezone
+from typing import Callable, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
+from errors import InputError, MissingFileError, one_line_errors
 from tokenizer import ROLE_MARKERS, Tokenizer, render_chat
 
+PARQUET_MAGIC = b"PAR1"
 BLOCK_BYTES = 1 << 20  # plain text is read and tokenized in blocks of about this size; JSONL in runs of lines
-CHAT_SCHEMAS = ("auto", "openai", "sharegpt", "alpaca", "prompt_completion")
 SHOW_SKIPPED = 5  # the first few skipped records are reported with file:line
-
-# the roles each schema may use, mapped onto the template's roles (tokenizer.ROLE_MARKERS)
-OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                "tool": "tool", "function": "tool"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "function_call": "assistant",  # LLaMA-Factory tool data: the model's call, trained like its text
-                  "observation": "tool", "tool": "tool"}  # tool results: context the model reads, never trained
 
 
 def token_dtype(vocab_size):
@@ -58,7 +57,7 @@ def token_dtype(vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# chat records -> [(role, content), ...]
+# chat records -> [(role, content), ...]: a parser per schema, then the table of schemas (CHAT_SCHEMAS)
 
 def tool_calls_text(calls):
     """OpenAI assistant "tool_calls" as the assistant's text: the JSON of {"name", "arguments"} (one call) or a
@@ -91,16 +90,12 @@ def _content_text(content):
     return None
 
 
-def detect_schema(rec):
-    if "messages" in rec:
-        return "openai"
-    if "conversations" in rec:
-        return "sharegpt"
-    if "instruction" in rec:
-        return "alpaca"
-    if "prompt" in rec and "completion" in rec:
-        return "prompt_completion"
-    return None
+# each schema's roles, mapped onto the template's roles (tokenizer.ROLE_MARKERS)
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant",  # LLaMA-Factory tool data: the model's call, trained like its text
+                  "observation": "tool", "tool": "tool"}  # tool results: context the model reads, never trained
 
 
 def _openai_turns(rec):
@@ -176,8 +171,27 @@ def _prompt_completion_turns(rec):
     return [("user", rec["prompt"]), ("assistant", rec["completion"])], None
 
 
-SCHEMA_KEYS = {"openai": "messages", "sharegpt": "conversations", "alpaca": "instruction",
-               "prompt_completion": "prompt"}
+class ChatSchema(NamedTuple):
+    keys: tuple  # a record holding all of these is of this schema; a record forced to it must hold keys[0]
+    turns: Callable  # record -> ([(role, content), ...], None), or (None, why the record is unusable)
+    described: str  # how the "no usable record" hint names it
+
+
+# The one table of chat schemas, in detection order (a record with both "messages" and "prompt" is OpenAI's).
+# --chat_schema's choices and help, detection, the check of a forced schema and the error hint are read from it;
+# scaffold.py parses its chat records through it too. A new schema is one parser above and one row here.
+CHAT_SCHEMAS = {
+    "openai": ChatSchema(("messages",), _openai_turns, "OpenAI 'messages'"),
+    "sharegpt": ChatSchema(("conversations",), _sharegpt_turns, "ShareGPT 'conversations'"),
+    "alpaca": ChatSchema(("instruction",), _alpaca_turns, "Alpaca 'instruction'/'output'"),
+    "prompt_completion": ChatSchema(("prompt", "completion"), _prompt_completion_turns, "'prompt'/'completion'"),
+}
+SCHEMA_CHOICES = ("auto", *CHAT_SCHEMAS)  # --chat_schema
+
+
+def detect_schema(rec):
+    """The name of the first schema whose keys the record holds, or None."""
+    return next((name for name, s in CHAT_SCHEMAS.items() if all(k in rec for k in s.keys)), None)
 
 
 def conversation_turns(rec, schema="auto"):
@@ -188,12 +202,11 @@ def conversation_turns(rec, schema="auto"):
     if schema == "auto":
         schema = detect_schema(rec)
         if schema is None:
-            return None, "unknown schema (no messages/conversations/instruction/prompt+completion)"
-    elif SCHEMA_KEYS[schema] not in rec:
-        return None, f"no '{SCHEMA_KEYS[schema]}' field"
-    convert = {"openai": _openai_turns, "sharegpt": _sharegpt_turns, "alpaca": _alpaca_turns,
-               "prompt_completion": _prompt_completion_turns}[schema]
-    turns, reason = convert(rec)
+            known = "/".join("+".join(s.keys) for s in CHAT_SCHEMAS.values())
+            return None, f"unknown schema (no {known})"
+    elif CHAT_SCHEMAS[schema].keys[0] not in rec:
+        return None, f"no '{CHAT_SCHEMAS[schema].keys[0]}' field"
+    turns, reason = CHAT_SCHEMAS[schema].turns(rec)
     if reason:
         return None, reason
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
@@ -209,8 +222,17 @@ def conversation_turns(rec, schema="auto"):
 # reading the inputs as chunks (plain dicts, cheap to send to a worker process)
 
 def input_kind(path, fmt):
-    """'text' (plain text), 'jsonl' (one JSON record per line) or 'json' (one JSON list of records)."""
+    """'text' (plain text), 'jsonl' (one JSON record per line), 'json' (one JSON list of records) or 'parquet'."""
     ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, os.path.getsize(path) - 4))
+        tail = f.read(4)
+    if head == tail == PARQUET_MAGIC:  # a Parquet file starts and ends with its magic, whatever its name
+        return "parquet"
+    if ext in (".parquet", ".pq"):
+        raise InputError(f"{path}: not a Parquet file (it does not start and end with the Parquet magic bytes "
+                         f"'PAR1'); give the file its real extension (.jsonl, .json, .txt) or re-export it")
     if ext == ".json":
         with open(path, "rb") as f:  # a .json file may also be JSONL: look at its first non-blank byte
             head = f.read(4096).lstrip()
@@ -218,8 +240,8 @@ def input_kind(path, fmt):
     if ext == ".jsonl":
         return "jsonl"
     if fmt == "chat":
-        raise ValueError(f"{path}: --format chat needs a .jsonl file (one conversation per line) or a .json file "
-                         f"(a list of conversations)")
+        raise InputError(f"{path}: --format chat needs a .jsonl file (one conversation per line), a .json file "
+                         f"(a list of conversations) or a .parquet file (one conversation per row)")
     return "text"
 
 
@@ -318,8 +340,10 @@ def _record_chunks(file_idx, path, kind, block_bytes):
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json input must be one JSON list "
+                raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json input must be one JSON list "
                                  f"of records (or use .jsonl, one record per line)") from None
+            except UnicodeDecodeError:
+                raise InputError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
         size = os.path.getsize(path)
         for i, rec in enumerate(records):
             items.append((f"{path}: record {i + 1}", rec))
@@ -343,11 +367,80 @@ def _record_chunks(file_idx, path, kind, block_bytes):
         yield {"kind": "records", "file": file_idx, "parsed": False, "items": items, "nbytes": nbytes}
 
 
-def iter_chunks(files, val_fraction, block_bytes=BLOCK_BYTES):
-    """All inputs as a stream of chunks, in order. files: [(path, kind)]. A chunk never spans two files."""
+# ----------------------------------------------------------------------------------------------------------------
+# Parquet: rows as records, streamed a batch of rows at a time (pyarrow reads one row group at a time)
+
+def _open_parquet(path):
+    import pyarrow.parquet as pq  # only Parquet inputs need pyarrow
+    try:
+        # pre_buffer=False: with pyarrow's default (True) the reader keeps what it read, and its memory grows with
+        # the file (measured: +80 MB over a 120 MB file); without it memory stays at one row group
+        return pq.ParquetFile(path, pre_buffer=False)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError (and more) for a damaged file
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable Parquet file ({first}); re-download or re-export it") from None
+
+
+def parquet_columns(path, opts):
+    """The columns to read from a Parquet file (text: the text field; chat: all), checked against its schema
+    before anything is written: a missing column is one error naming the file, not one skipped row per row."""
+    names = _open_parquet(path).schema_arrow.names
+    shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+    if opts["format"] == "text":
+        field = opts["text_field"]
+        if field not in names:
+            raise InputError(f"{path}: no column '{field}' (columns: {shown}); pass --text_field NAME to read "
+                             f"another column, or --format chat for conversations")
+        return [field]
+    schema = opts["chat_schema"]
+    schemas = list(CHAT_SCHEMAS.values()) if schema == "auto" else [CHAT_SCHEMAS[schema]]
+    if not any(s.keys[0] in names for s in schemas):
+        *most, last = (s.described for s in schemas)
+        need = f"{', '.join(most)} or {last}" if most else last
+        raise InputError(f"{path}: no chat column (columns: {shown}); chat rows need {need}")
+    return None  # every column: a record may use several (system, tools, history, ...)
+
+
+def _drop_nulls(value):
+    """A Parquet row as the JSON record it came from: a column (or struct field) that a record did not have is
+    null in Parquet, since all rows share one schema; JSON simply leaves it out. Footgun: an explicit JSON null
+    inside a record is dropped too (the record reads as if the field were missing, as for the top-level fields)."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _parquet_chunks(file_idx, path, opts, block_bytes):
+    pf = _open_parquet(path)
+    meta = pf.metadata
+    rows, size = meta.num_rows, os.path.getsize(path)
+    if rows == 0:
+        return
+    raw = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    batch = max(1, min(65536, block_bytes * rows // max(raw, 1)))  # rows per chunk: about block_bytes of data
+    done = 0
+    try:
+        for records in pf.iter_batches(batch_size=batch, columns=parquet_columns(path, opts)):
+            items = [(f"{path}: row {done + j + 1}", _drop_nulls(rec)) for j, rec in enumerate(records.to_pylist())]
+            done += len(items)
+            yield {"kind": "records", "file": file_idx, "parsed": True, "items": items,
+                   "nbytes": size * len(items) // rows}
+    except (OSError, ValueError, TypeError) as e:  # ArrowInvalid is a ValueError; ArrowNotImplementedError too
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: rows after row {done} are unreadable ({first}); re-download or re-export it") \
+            from None
+
+
+def iter_chunks(files, val_fraction, block_bytes=BLOCK_BYTES, opts=None):
+    """All inputs as a stream of chunks, in order. files: [(path, kind)]. A chunk never spans two files.
+    opts: prepare()'s options (format, text_field, chat_schema), for the columns of Parquet files."""
     for file_idx, (path, kind) in enumerate(files):
         if kind == "text":
             yield from _text_chunks(file_idx, path, val_fraction, block_bytes)
+        elif kind == "parquet":
+            yield from _parquet_chunks(file_idx, path, opts, block_bytes)
         else:
             yield from _record_chunks(file_idx, path, kind, block_bytes)
 
@@ -368,7 +461,7 @@ def _decode_block(chunk):
     try:
         return chunk["data"].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{chunk['path']}: byte {chunk['offset'] + e.start} is not UTF-8 text; convert the file to "
+        raise InputError(f"{chunk['path']}: byte {chunk['offset'] + e.start} is not UTF-8 text; convert the file to "
                          f"UTF-8") from None
 
 
@@ -379,14 +472,14 @@ def _load_record(where, payload, parsed):
         return json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise ValueError(f"{where}: not valid JSON ({msg}); each line of a JSONL file must be one JSON object") from None
+        raise InputError(f"{where}: not valid JSON ({msg}); each line of a JSONL file must be one JSON object") from None
 
 
-def _text_field(where, rec):
-    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-        raise ValueError(f'{where}: no "text" string field; --format text needs one {{"text": ...}} per line (use '
-                         f'--format chat for conversations)')
-    return rec["text"]
+def _text_field(where, rec, field):
+    if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+        raise InputError(f'{where}: no "{field}" string field; --format text needs one {{"{field}": ...}} per '
+                         f'record (--text_field names another field; --format chat for conversations)')
+    return rec[field]
 
 
 def _usable_records(chunk):
@@ -396,7 +489,7 @@ def _usable_records(chunk):
     for where, payload in chunk["items"]:
         rec = _load_record(where, payload, chunk["parsed"])
         if fmt == "text":
-            value, reason = _text_field(where, rec), None
+            value, reason = _text_field(where, rec, _WORKER["opts"]["text_field"]), None
             if not value:
                 reason = "empty text"
         else:
@@ -573,6 +666,14 @@ def _swap_in(tmp, out_dir):
     shutil.rmtree(old)
 
 
+def _make_dir(tmp, out_dir):
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # a read-only place, or a file where a parent folder should be
+        raise InputError(f"--out_dir {out_dir}: cannot create {tmp} beside it ({e.strerror}): choose a writable "
+                         f"folder") from None
+
+
 def _write_json(obj, path):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
@@ -582,48 +683,57 @@ def _write_json(obj, path):
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per_shard, num_workers, mask_role,
-               chat_schema):
+               chat_schema, text_field="text"):
     """Refuse bad arguments before anything is read or written. Returns [(path, kind)] of the inputs."""
     if fmt not in ("text", "chat"):
-        raise ValueError(f"unknown --format {fmt!r}: use 'text' (documents) or 'chat' (conversations)")
+        raise InputError(f"unknown --format {fmt!r}: use 'text' (documents) or 'chat' (conversations)")
     if tokenization not in ("gpt2", "char"):
-        raise ValueError(f"unknown --tokenization {tokenization!r}: use 'gpt2' or 'char'")
+        raise InputError(f"unknown --tokenization {tokenization!r}: use 'gpt2' or 'char'")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val_fraction {val_fraction} is out of range: use a fraction in [0, 1), e.g. 0.1")
+        raise InputError(f"--val_fraction {val_fraction} is out of range: use a fraction in [0, 1), e.g. 0.1")
     if tokens_per_shard < 1:
-        raise ValueError(f"--tokens_per_shard {tokens_per_shard} must be at least 1")
+        raise InputError(f"--tokens_per_shard {tokens_per_shard} must be at least 1")
     if num_workers < 1:
-        raise ValueError(f"--num_workers {num_workers} must be at least 1")
+        raise InputError(f"--num_workers {num_workers} must be at least 1")
     if mask_role not in ROLE_MARKERS:
-        raise ValueError(f"unknown --mask_role {mask_role!r}: use one of {', '.join(ROLE_MARKERS)}")
-    if chat_schema not in CHAT_SCHEMAS:
-        raise ValueError(f"unknown --chat_schema {chat_schema!r}: use one of {', '.join(CHAT_SCHEMAS)}")
+        raise InputError(f"unknown --mask_role {mask_role!r}: use one of {', '.join(ROLE_MARKERS)}")
+    if chat_schema not in SCHEMA_CHOICES:
+        raise InputError(f"unknown --chat_schema {chat_schema!r}: use one of {', '.join(SCHEMA_CHOICES)}")
     if not input_files:
-        raise ValueError("no --input_files given")
+        raise InputError("no --input_files given")
+    if not text_field:
+        raise InputError("--text_field is empty: name the field (JSONL) or column (Parquet) that holds the text")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir {out_dir} exists and is not a folder: choose another --out_dir")
+        raise InputError(f"--out_dir {out_dir} exists and is not a folder: choose another --out_dir")
     # an existing out_dir is replaced whole: refuse anything that is not an earlier dataset (think --out_dir .)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and \
             not os.path.exists(os.path.join(out_dir, "dataset_metadata.json")):
-        raise ValueError(f"--out_dir {out_dir} exists and is not a dataset folder (no dataset_metadata.json), so it "
+        raise InputError(f"--out_dir {out_dir} exists and is not a dataset folder (no dataset_metadata.json), so it "
                          f"will not be replaced: choose a new folder or remove it")
     files = []
     for path in input_files:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: input file not found")
+            raise MissingFileError(f"{path}: input file not found")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"{path}: input file is empty")
+            raise InputError(f"{path}: input file is empty")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path}: input file is not readable (permission denied)")
         files.append((path, input_kind(path, fmt)))
+        if files[-1][1] == "parquet":
+            parquet_columns(path, {"format": fmt, "text_field": text_field, "chat_schema": chat_schema})
     return files
 
 
 def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=0.1, tokens_per_shard=10_000_000,
             seed=1337, num_workers=1, mask_role="assistant", chat_schema="auto", train_on_prompt=False,
-            mask_history=False, hf_dir=None, verbose=False, block_bytes=BLOCK_BYTES, tokenizer_from=None):
+            mask_history=False, hf_dir=None, verbose=False, block_bytes=BLOCK_BYTES, tokenizer_from=None,
+            text_field="text"):
     """Tokenize input_files into out_dir (layout in the module docstring). Returns the metadata dict it wrote.
     tokenizer_from: a dataset or model folder whose tokenizer_state.json to reuse instead of building one (so a
-    char-level SFT set gets its base model's vocabulary); it sets the tokenization.
-    Raises ValueError / FileNotFoundError / RuntimeError with a one-line message; out_dir is then untouched."""
+    char-level SFT set gets its base model's vocabulary); it sets the tokenization. text_field: the JSONL field /
+    Parquet column holding a text document.
+    Bad input raises errors.InputError / MissingFileError (a ValueError / FileNotFoundError) with a one-line
+    message; out_dir is then untouched."""
     t0 = time.time()
     given_tok = None
     if tokenizer_from:
@@ -633,17 +743,17 @@ def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=
             "val_fraction": val_fraction, "tokens_per_shard": tokens_per_shard, "seed": seed,
             "num_workers": num_workers, "mask_role": mask_role, "chat_schema": chat_schema,
             "train_on_prompt": train_on_prompt, "mask_history": mask_history, "hf_dir": hf_dir,
-            "tokenizer_from": tokenizer_from}
+            "tokenizer_from": tokenizer_from, "text_field": text_field}
     files = check_args(input_files, out_dir, tokenization, fmt, val_fraction, tokens_per_shard, num_workers,
-                       mask_role, chat_schema)
+                       mask_role, chat_schema, text_field)
     opts = {"format": fmt, "chat_schema": chat_schema, "mask_role": mask_role, "train_on_prompt": train_on_prompt,
-            "mask_history": mask_history}
+            "mask_history": mask_history, "text_field": text_field}
     total_bytes = sum(os.path.getsize(p) for p, _ in files)
 
     def chunk_results(fn, tok_state, desc):
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
                    disable=None if verbose else True)  # None: only on a terminal, so logs get no bar debris
-        with bar, closing(run_chunks(fn, iter_chunks(files, val_fraction, block_bytes), tok_state, opts,
+        with bar, closing(run_chunks(fn, iter_chunks(files, val_fraction, block_bytes, opts), tok_state, opts,
                                      num_workers)) as results:  # closing: an error here stops the pool at once
             for result in results:
                 bar.update(result["nbytes"])
@@ -656,7 +766,7 @@ def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=
         tok = given_tok or Tokenizer.char_from_texts(["".join(sorted(chars))])
         missing = "".join(sorted(chars - set(tok.chars)))
         if missing:
-            raise ValueError(f"{', '.join(p for p, _ in files)}: {len(missing)} character(s) {missing[:30]!r} are not in "
+            raise InputError(f"{', '.join(p for p, _ in files)}: {len(missing)} character(s) {missing[:30]!r} are not in "
                              f"the vocabulary of {tokenizer_from}: remove them from the data, or prepare without "
                              f"--tokenizer_from (a new vocabulary, so a new model)")
     elif given_tok:
@@ -672,7 +782,7 @@ def prepare(input_files, out_dir, tokenization="gpt2", fmt="text", val_fraction=
     t_tok = time.time()
     results = chunk_results(encode_chunk, tok.state_dict(), "tokenizing")
     try:
-        os.makedirs(tmp)
+        _make_dir(tmp, out_dir)
         skipped = write_splits(results, writers, files, fmt, val_fraction, seed, verbose)
         seconds = time.time() - t_tok
         meta = metadata(tok, fmt, tokenization, writers, skipped, files, args)
@@ -758,11 +868,11 @@ def _check_file_usable(path, fmt, usable, skipped):
     if usable:
         return
     if not skipped:
-        raise ValueError(f"{path}: no usable record (the file holds only blank lines)")
+        raise InputError(f"{path}: no usable record (the file holds only blank lines)")
     reasons = ", ".join(f"{r}: {n}" for r, n in skipped.most_common(3))
-    hint = ("; chat records need OpenAI 'messages', ShareGPT 'conversations', Alpaca 'instruction'/'output' or "
-            "'prompt'/'completion', with an assistant answer") if fmt == "chat" else ""
-    raise ValueError(f"{path}: no usable record ({reasons}){hint}")
+    *most, last = (s.described for s in CHAT_SCHEMAS.values())
+    hint = f"; chat records need {', '.join(most)} or {last}, with an assistant answer" if fmt == "chat" else ""
+    raise InputError(f"{path}: no usable record ({reasons}){hint}")
 
 
 def summary(meta, out_dir, tokenize_seconds, total_seconds):
@@ -787,9 +897,11 @@ def summary(meta, out_dir, tokenize_seconds, total_seconds):
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize text or chat files into shards for train.py.")
-    p.add_argument("--input_files", nargs="+", required=True, help=".txt (or any plain text), .jsonl or .json files")
+    p.add_argument("--input_files", nargs="+", required=True,
+                   help=".txt (or any plain text), .jsonl, .json or .parquet files")
     p.add_argument("--out_dir", required=True, help="dataset folder to write (replaced only once complete)")
     p.add_argument("--tokenization", default="gpt2", help="gpt2 (BPE, 50257 ids) | char (vocabulary from the data)")
     p.add_argument("--format", default="text", dest="fmt", metavar="FORMAT", help="text (documents) | chat (conversations)")
@@ -799,9 +911,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seeds which records go to val")
     p.add_argument("--num_workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--mask_role", default="assistant", help="chat: the role whose text is trained on")
-    p.add_argument("--chat_schema", default="auto", help="auto | openai | sharegpt | alpaca | prompt_completion")
+    p.add_argument("--chat_schema", default="auto", help=" | ".join(SCHEMA_CHOICES))
     p.add_argument("--train_on_prompt", action="store_true", help="chat: train on every token, not just answers")
     p.add_argument("--mask_history", action="store_true", help="chat: train only on the last assistant turn")
+    p.add_argument("--text_field", default="text", help="text: the JSONL field / Parquet column holding each document")
     p.add_argument("--hf_dir", default=None, help="gpt2: BPE from this Hugging Face folder's vocab.json + merges.txt")
     p.add_argument("--tokenizer_from", default=None,
                    help="reuse the tokenizer of this dataset or model folder (its tokenizer_state.json) instead of "
@@ -810,10 +923,7 @@ def main(argv=None):
     try:
         prepare(a.input_files, a.out_dir, a.tokenization, a.fmt, a.val_fraction, a.tokens_per_shard, a.seed,
                 a.num_workers, a.mask_role, a.chat_schema, a.train_on_prompt, a.mask_history, a.hf_dir, verbose=True,
-                tokenizer_from=a.tokenizer_from)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+                tokenizer_from=a.tokenizer_from, text_field=a.text_field)
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 1

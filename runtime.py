@@ -2,7 +2,7 @@
 What every entry point shares at run time: the device, the distributed setup under torchrun, precision (autocast),
 the CPU malloc setting, gradient sync and the FSDP helpers, the learning-rate schedule, catching SIGINT/SIGTERM,
 and the metrics log. train.py, scaffold.py, sample.py, serve.py, evaluate.py and bench.py import it; it imports
-no project module, so every one of them can.
+no project module but errors.py, so every one of them can.
 """
 
 import ctypes
@@ -16,14 +16,22 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
+from errors import InputError
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # devices, distributed, precision
 
 def pick_device(name="auto"):
-    """auto: CUDA if there is a GPU, else Apple's MPS, else the CPU; any other name is taken as given."""
+    """auto: CUDA if there is a GPU, else Apple's MPS, else the CPU; any other name is taken as given, once it is
+    known to exist here (a missing GPU is a one-line error, not torch's traceback at the first tensor)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{name}': this machine has no CUDA GPU that torch {torch.__version__} can use: "
+                         f"use cpu (or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps': Apple's MPS backend is not available here: use cpu (or auto)")
     return name
 
 

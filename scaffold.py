@@ -2,6 +2,7 @@
 Scaffold fusion: a frozen base GPT steered by a second, LoRA-tuned "scaffold" GPT through cross-attention.
 
     python scaffold.py train --config_file configs/scaffold.json            # train fusers + scaffold adapters
+    python scaffold.py train --config_file configs/scaffold.json --init_from resume   # go on after Ctrl-C / SIGTERM
     python scaffold.py generate --prompt "qwerty=" --scaffold_weight 0.7    # answer one prompt
     python scaffold.py evaluate --scaffold_weight 1,0.5,0 --exact_match     # validation figures at several weights
     python scaffold.py                                                       # interactive: train / a prompt / quit
@@ -24,7 +25,10 @@ template; their last assistant turn is the completion, everything before it the 
 completion's tokens and its closing EOT (prompt and padding masked, in validation too).
 
 Saved as <out_dir>/<model_name>/scaffold.pt (the best validation loss): fuser weights, scaffold adapters, and
-where the base and the scaffold come from; both are reloaded from there for generation.
+where the base and the scaffold come from; both are reloaded from there for generation. Training runs on the main
+stack's pieces (train.py's AdamW, schedule, non-finite skip, signal handling, metrics.jsonl); the latest training
+state goes to scaffold_ckpt.pt next to it after every evaluation and on SIGINT/SIGTERM, and init_from "resume" goes
+on from there exactly.
 """
 
 import argparse
@@ -40,16 +44,16 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import lora
-from checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
-from config import ConfigError, read_settings
+from checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model, make_checkpoint
+from config import ConfigError, parse_cli, read_settings
 from data import DataError
-from model import KVCache, LayerNorm, cross_entropy_loss, sample_next
-from prepare_dataset import conversation_turns
+from errors import GPTLabError, InputError, MissingFileError, first_line, one_line_errors
+from model import KVCache, LayerNorm, configure_adamw, cross_entropy_loss, sample_next
+from prepare_dataset import CHAT_SCHEMAS, conversation_turns, detect_schema
+from runtime import MetricsLog, autocast_context, device_type_of, get_lr, pick_device, pick_dtype, stop_signals
 from tokenizer import chat_prompt
-from runtime import autocast_context, pick_device, pick_dtype
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "scaffold.json")
-CHAT_KEYS = ("messages", "conversations", "instruction")  # a record with one of these is a chat record
 REPEAT_NGRAM = 3  # generation stops at the first immediately repeated 3-gram ("a b c a b c") and cuts the repeat
 
 
@@ -60,7 +64,9 @@ class ScaffoldConfig:
     scaffold_model: str = "scaffold_toy_scaffold"  # the scaffold, same forms; may differ from the base in size
     out_dir: str = "checkpoints"
     model_name: str = "scaffold_toy"  # fusers + adapters are saved to <out_dir>/<model_name>/scaffold.pt
-    init_from: str = ""  # start fusers + adapters from this saved scaffold model (needed with train_fuser false)
+    # start fusers + adapters from this saved scaffold model (needed with train_fuser false); "resume": go on from
+    # <out_dir>/<model_name>/scaffold_ckpt.pt exactly where that run stopped (optimizer, data position, RNG, ...)
+    init_from: str = ""
     # --- data ---
     train_file: str = "data/scaffold_toy.jsonl"  # JSONL: {"prompt", "completion"} or chat records
     valid_split_ratio: float = 0.1  # fraction of the records held out for validation (seeded shuffle)
@@ -75,16 +81,18 @@ class ScaffoldConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     lora_target: list = field(default_factory=lambda: ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"])  # every Linear of a block (as "all"); lora.TARGETS names
-    # --- optimisation: AdamW, linear warmup then linear decay to 0 ---
+    # --- optimisation: AdamW, linear warmup then cosine decay to min_lr (train.py's schedule) ---
     num_epochs: int = 3
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05  # fraction of all optimizer steps spent warming up
+    min_lr: float = 0.0  # the learning rate at the last step (0: the decay ends where it always did, at zero)
     weight_decay: float = 0.01  # on 2-D weights only
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0  # 0 disables clipping
+    max_bad_steps: int = 5  # stop after this many non-finite losses/gradients in a row (each one is skipped)
     eval_interval: int = 0  # evaluate every N optimizer steps; 0 = at the end of every epoch only
     patience: int = 2  # stop after this many evaluations without a better val loss; 0 = never stop early
     log_interval: int = 20  # print a training line every N optimizer steps
@@ -102,7 +110,7 @@ class ScaffoldConfig:
 def check_weight(weight, name="scaffold_weight"):
     """A scaffold/influence weight must be a number in [0, 1] (NaN is refused too)."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-        raise ValueError(f"{name} {weight!r} is outside [0, 1]: 0 is the base model alone, 1 the full scaffold influence")
+        raise InputError(f"{name} {weight!r} is outside [0, 1]: 0 is the base model alone, 1 the full scaffold influence")
     return float(weight)
 
 
@@ -117,9 +125,11 @@ def validate_scaffold_config(cfg, where="config"):
     need(0.0 < cfg.valid_split_ratio < 1.0, "valid_split_ratio", "must lie in (0, 1)")
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
     need(0.0 <= cfg.warmup_ratio < 1.0, "warmup_ratio", "must lie in [0, 1)")
+    need(0.0 <= cfg.min_lr <= cfg.learning_rate, "min_lr", "must lie in [0, learning_rate]")
     for key in ("fuser_dropout", "lora_dropout", "beta1", "beta2"):
         need(0.0 <= getattr(cfg, key) < 1.0, key, "must lie in [0, 1)")
-    for key in ("num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "log_interval", "max_new_tokens"):
+    for key in ("num_epochs", "batch_size", "gradient_accumulation_steps", "lora_rank", "log_interval",
+                "max_new_tokens", "max_bad_steps"):
         need(getattr(cfg, key) >= 1, key, "must be >= 1")
     for key in ("fuser_n_head", "eval_interval", "patience", "num_samples", "top_k", "temperature", "weight_decay",
                 "grad_clip"):
@@ -162,7 +172,7 @@ class CrossAttentionFuser(nn.Module):
     def __init__(self, n_embd, scaffold_n_embd, n_head, bias=True, dropout=0.0):
         super().__init__()
         if n_embd % n_head:
-            raise ValueError(f"fuser heads {n_head} do not divide the base's n_embd {n_embd}: choose fuser_n_head "
+            raise ConfigError(f"fuser heads {n_head} do not divide the base's n_embd {n_embd}: choose fuser_n_head "
                              f"among the divisors of {n_embd}")
         self.ln = LayerNorm(n_embd, bias=bias)  # normalises the query/gate input only: the residual x is untouched
         self.c_q = nn.Linear(n_embd, n_embd, bias=bias)
@@ -214,10 +224,10 @@ def check_layers(cross_attn_layers, n_layer, base="the base model"):
     """Sorted, unique layer indices, each a layer the base has."""
     layers = sorted({int(i) for i in cross_attn_layers})
     if not layers:
-        raise ValueError(f"cross_attn_layers is empty: name at least one base layer (0..{n_layer - 1})")
+        raise ConfigError(f"cross_attn_layers is empty: name at least one base layer (0..{n_layer - 1})")
     for i in layers:
         if not 0 <= i < n_layer:
-            raise ValueError(f"cross_attn_layers: layer {i} does not exist: {base} has layers 0..{n_layer - 1} "
+            raise ConfigError(f"cross_attn_layers: layer {i} does not exist: {base} has layers 0..{n_layer - 1} "
                              f"(set cross_attn_layers to indices in that range)")
     return layers
 
@@ -301,7 +311,7 @@ def load_gpt(source, device="cpu"):
     """{"kind": "model", "name", "out_dir"} or {"kind": "hf", "path"} -> (GPT, Tokenizer). A LoRA model is merged into
     a plain GPT first (the scaffold gets adapters of its own)."""
     if source["kind"] == "hf":
-        from convert_hf import load_hf_gpt2
+        from hf import load_hf_gpt2
         model, tok = load_hf_gpt2(source["path"])
     else:
         model, tok, _ = load_model(source["name"], source.get("out_dir", "checkpoints"))
@@ -317,18 +327,15 @@ def source_of(name, out_dir):
 
 def build_fused(cfg, device="cpu", log=print):
     """The fused model a config describes: base and scaffold loaded, LoRA on the scaffold, fresh fusers (or the
-    ones of cfg.init_from). Returns (fused, base_tok, scaffold_tok, info) with info the plain data a save needs."""
+    ones of cfg.init_from; with init_from "resume" the caller loads the saved state). Returns (fused, base_tok, scaffold_tok, info) with info the plain data a save needs."""
     base_src, scaffold_src = source_of(cfg.base_model, cfg.out_dir), source_of(cfg.scaffold_model, cfg.out_dir)
     base, base_tok = load_gpt(base_src, device)
     scaffold, scaffold_tok = load_gpt(scaffold_src, device)
-    try:
-        check_layers(cfg.cross_attn_layers, base.config.n_layer, f"base model '{cfg.base_model}'")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_layers(cfg.cross_attn_layers, base.config.n_layer, f"base model '{cfg.base_model}'")
     lora_kwargs = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target)
     lora.apply_lora(scaffold, **lora_kwargs)
     fused = ScaffoldFusion(base, scaffold, cfg.cross_attn_layers, cfg.fuser_n_head, cfg.fuser_dropout).to(device)
-    if cfg.init_from:
+    if cfg.init_from and cfg.init_from != "resume":  # resume: train() puts the saved state in
         ckpt = load_checkpoint(saved_path(cfg.init_from, cfg.out_dir))
         load_trainable(fused, ckpt, saved_path(cfg.init_from, cfg.out_dir))
         log(f"init: fusers and adapters from '{cfg.init_from}' (val loss {ckpt.get('val_loss')})")
@@ -385,34 +392,39 @@ def parse_record(rec, where):
     the other None."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: not a JSON object; each line needs {{\"prompt\": ..., \"completion\": ...}}")
-    if any(k in rec for k in CHAT_KEYS):
-        turns, reason = conversation_turns(rec)
+    schema = detect_schema(rec)  # prepare_dataset's chat schemas, but a prompt/completion pair is plain text here
+    if schema not in (None, "prompt_completion"):
+        turns, reason = conversation_turns(rec, schema)
         if reason:
             raise DataError(f"{where}: unusable chat record ({reason}); fix or remove the line")
         return {"where": where, "prompt": None, "turns": turns[:-1], "completion": turns[-1][1]}
     missing = [k for k in ("prompt", "completion") if not isinstance(rec.get(k), str)]
     if missing:
+        chat_keys = " / ".join(s.keys[0] for name, s in CHAT_SCHEMAS.items() if name != "prompt_completion")
         raise DataError(f"{where}: record has no {' and no '.join(repr(k) for k in missing)} string; each line needs "
-                        f"{{\"prompt\": ..., \"completion\": ...}} (or a chat record with messages / conversations / "
-                        f"instruction)")
+                        f"{{\"prompt\": ..., \"completion\": ...}} (or a chat record with {chat_keys})")
     return {"where": where, "prompt": rec["prompt"], "turns": None, "completion": rec["completion"]}
 
 
 def read_examples(path):
     """A JSONL file -> [example, ...] (parse_record); any bad line is an error naming file:line."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: training file not found (python data/make_scaffold_toy.py writes the toy set)")
+        raise MissingFileError(f"{path}: training file not found (python data/make_scaffold_toy.py writes the toy set)")
     examples = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            examples.append(parse_record(rec, where))
+        try:
+            lines = list(enumerate(f, 1))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        examples.append(parse_record(rec, where))
     if not examples:
         raise DataError(f"{path}: no records (expected one JSON object per line)")
     return examples
@@ -521,7 +533,7 @@ def generate(fused, ids, scaffold_ids, max_new_tokens, scaffold_weight=1.0, temp
     cfg = fused.base.config
     device = fused.base.lm_head.weight.device
     if len(ids) >= cfg.block_size:
-        raise ValueError(f"prompt of {len(ids)} tokens does not fit the base's block_size {cfg.block_size}")
+        raise InputError(f"prompt of {len(ids)} tokens does not fit the base's block_size {cfg.block_size}")
     if len(scaffold_ids) > fused.scaffold.config.block_size:
         scaffold_ids = scaffold_ids[-fused.scaffold.config.block_size:]  # the scaffold keeps the prompt's end
     sidx = torch.tensor([scaffold_ids], dtype=torch.long, device=device)
@@ -559,13 +571,23 @@ def exact_match(fused, base_tok, scaffold_tok, examples, weight, max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# training
+# training: the run state built once (setup), then the loop (train) of short paragraphs
 
-def linear_lr(step, warmup, total, lr):
-    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    return lr * max(0.0, (total - step) / max(1, total - warmup))
+class ScaffoldError(GPTLabError, RuntimeError):
+    """A scaffold run that cannot go on as configured: the message says what and how to fix it."""
+
+
+# settings a resumed run must share with the run it continues (the model, the data split, the batches);
+# the rest (learning rate, num_epochs, patience, intervals, ...) may change, as in train.py
+RESUME_KEYS = ("base_model", "scaffold_model", "cross_attn_layers", "fuser_n_head", "train_fuser", "lora_rank",
+               "lora_alpha", "lora_target", "train_file", "valid_split_ratio", "seed", "batch_size",
+               "gradient_accumulation_steps")
+
+
+def lr_at(step, cfg, total_steps):
+    """The main stack's schedule (runtime.get_lr): linear warmup over warmup_ratio of all steps, then cosine
+    decay to min_lr at the last step."""
+    return get_lr(step, cfg.learning_rate, cfg.min_lr, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
 @torch.no_grad()
@@ -588,137 +610,335 @@ def evaluate_loss(fused, val_batches, weight, ctx, base_alone=False):
 
 
 def make_optimizer(fused, cfg, device_type):
-    params = [p for p in fused.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("nothing to train: the fusers are frozen (train_fuser false) and the scaffold has no adapters")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    """The main stack's AdamW (model.configure_adamw: decay on 2-D weights, the fused kernel on CPU and CUDA) over
+    what trains: the fusers (unless train_fuser is false) and the scaffold's adapters."""
+    if not any(p.requires_grad for p in fused.parameters()):
+        raise ConfigError("nothing to train: the fusers are frozen (train_fuser false) and the scaffold has no "
+                          "adapters")
+    return configure_adamw(fused.parameters(), cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
 
 
-def train(cfg, log=print):
-    """Train the fusers and the scaffold's adapters as configured; the best model (val loss) is saved.
-    Returns a summary dict: base_val_loss, best_val_loss, val_loss_by_weight, epochs, steps, stopped_early, history,
-    path, and the trained fused model itself (the best state, in eval mode)."""
+@dataclass
+class Run:
+    """Everything a training run holds. setup() builds it once; the loop changes only the progress fields, which
+    are what the training state (scaffold_ckpt.pt) saves and --init_from resume restores."""
+    cfg: ScaffoldConfig
+    log: object
+    device: str
+    ctx: object  # autocast (or nothing in fp32)
+    scaler: object  # fp16's GradScaler (a no-op otherwise)
+    fused: ScaffoldFusion
+    base_tok: object
+    scaffold_tok: object
+    info: dict  # build_fused's: where the models come from, the fusers' and adapters' settings
+    data_format: str  # "chat" or "text"
+    train_set: list
+    val_batches: list
+    val_examples: list  # answered after every epoch
+    optimizer: object
+    total_steps: int
+    folder: str
+    metrics: MetricsLog
+    base_val: float = float("nan")  # the frozen base's val loss
+    # --- progress ---
+    step: int = 0  # optimizer steps done
+    epoch: int = 1  # the epoch under way (num_epochs + 1 once all are done)
+    position: int = 0  # micro-batches of this epoch's order already trained on
+    order_rng: object = None  # the order generator's state at this epoch's start: draws this epoch's shuffle
+    best_val: float = float("inf")
+    best_state: dict = None  # the trainable tensors at best_val
+    best_epoch: int = 0
+    bad_evals: int = 0  # evaluations in a row without a better val loss (patience)
+    bad_steps: int = 0  # non-finite steps in a row (max_bad_steps)
+    stopped_early: bool = False
+    history: list = field(default_factory=list)  # [{"epoch", "step", "val_loss"}, ...]
+    saved_at: tuple = None  # (epoch, position) of the last training state saved
+
+    @property
+    def path(self):  # the best model: what generate / evaluate load
+        return os.path.join(self.folder, "scaffold.pt")
+
+    @property
+    def state_path(self):  # the latest training state: what --init_from resume continues from
+        return os.path.join(self.folder, "scaffold_ckpt.pt")
+
+
+def setup(cfg, log):
+    """The whole run state, once: device and precision, the fused model, the data, the optimizer, and with
+    init_from "resume" everything the saved training state holds."""
     device = pick_device(cfg.device)
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = device_type_of(device)
     torch.manual_seed(cfg.seed)
     dtype = pick_dtype(cfg.dtype, device_type)
-    ctx = autocast_context(device_type, dtype)
-    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
+    folder = os.path.join(cfg.out_dir, cfg.model_name)
+    saved = load_training_state(cfg, os.path.join(folder, "scaffold_ckpt.pt")) if cfg.init_from == "resume" else None
 
     fused, base_tok, scaffold_tok, info = build_fused(cfg, device, log)
     examples, train_set, val_set = load_split(cfg, fused, base_tok, scaffold_tok, log)
-    val_examples = [item[3] for item in val_set[:cfg.num_samples]]  # answered after every epoch
-    val_batches = batches(val_set, cfg.batch_size, device)
-    data_format = "chat" if any(ex["turns"] is not None for ex in examples) else "text"
-
-    trainable, total = lora.count_parameters(fused)
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.gradient_accumulation_steps))
-    total_steps = steps_per_epoch * cfg.num_epochs
-    warmup = int(cfg.warmup_ratio * total_steps)
+    run = Run(cfg=cfg, log=log, device=device, ctx=autocast_context(device_type, dtype),
+              scaler=torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda")),
+              fused=fused, base_tok=base_tok, scaffold_tok=scaffold_tok, info=info,
+              data_format="chat" if any(ex["turns"] is not None for ex in examples) else "text",
+              train_set=train_set, val_batches=batches(val_set, cfg.batch_size, device),
+              val_examples=[item[3] for item in val_set[:cfg.num_samples]],
+              optimizer=make_optimizer(fused, cfg, device_type), total_steps=steps_per_epoch * cfg.num_epochs,
+              folder=folder, metrics=None, order_rng=torch.Generator().manual_seed(cfg.seed).get_state())
+    trainable, total = lora.count_parameters(fused)
     log(f"base {cfg.base_model} ({fused.base.config.n_layer}x{fused.base.config.n_embd}, frozen), scaffold "
         f"{cfg.scaffold_model} ({fused.scaffold.config.n_layer}x{fused.scaffold.config.n_embd}, LoRA rank "
         f"{cfg.lora_rank}), fusers after layers {fused.cross_attn_layers}; trainable {trainable:,} of {total:,} params")
-    log(f"data: {cfg.train_file}: {len(train_set)} train / {len(val_set)} val records ({data_format}); "
+    log(f"data: {cfg.train_file}: {len(train_set)} train / {len(val_set)} val records ({run.data_format}); "
         f"{steps_per_epoch} steps per epoch; dtype {dtype} on {device}")
-    optimizer = make_optimizer(fused, cfg, device_type)
+    if saved is not None:
+        restore(run, saved)
+        log(f"resuming {cfg.model_name} from step {run.step} (epoch {run.epoch}, {run.position} micro-batches in)")
+    # start_iter -1 on a fresh run: a metrics.jsonl left by an earlier run of this name is dropped whole
+    run.metrics = MetricsLog(folder, run.step if saved is not None else -1, True)
+    if saved is None:
+        os.makedirs(folder, exist_ok=True)
+        run.base_val = evaluate_loss(fused, run.val_batches, 0.0, run.ctx, base_alone=True)
+        run.metrics.write(iter=0, base_val_loss=run.base_val)
+    log(f"frozen base alone: val loss {run.base_val:.4f}")
+    return run
 
-    folder = os.path.join(cfg.out_dir, cfg.model_name)
-    path = os.path.join(folder, "scaffold.pt")
-    base_val = evaluate_loss(fused, val_batches, 0.0, ctx, base_alone=True)
-    log(f"frozen base alone: val loss {base_val:.4f}")
-    best_val, best_state, best_epoch, bad_evals, stopped_early = float("inf"), None, 0, 0, False
-    history = []
 
-    def save(val_loss, epoch, step):
-        ck = {"kind": "scaffold", "model": fused.trainable_state_dict(), "model_args": info["model_args"],
-              "lora": info["lora"], "base": info["base"], "scaffold": info["scaffold"],
-              "tokenizer": base_tok.state_dict(), "scaffold_tokenizer": scaffold_tok.state_dict(),
-              "data_format": data_format, "config": asdict(cfg), "epoch": epoch, "step": step,
-              "val_loss": val_loss, "base_val_loss": base_val, "format_version": 1}
-        atomic_save(ck, path)
+def load_training_state(cfg, path):
+    """The training state a resumed run continues from, checked against this config."""
+    if not os.path.exists(path):
+        raise MissingFileError(f"--init_from resume: no training state at {path} (train '{cfg.model_name}' first, "
+                               f"without init_from resume)")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "scaffold" or "optimizer" not in ckpt:
+        raise CheckpointError(f"{path}: not a scaffold training state (no optimizer state to resume from)")
+    old = ckpt["config"]
+    for key in RESUME_KEYS:
+        if key in old and old[key] != getattr(cfg, key):
+            raise CheckpointError(f"{path}: resuming with a different setting: '{key}' is {getattr(cfg, key)!r} now "
+                                  f"but {old[key]!r} in the saved run; use the config the run started with")
+    return ckpt
 
-    def run_eval(epoch, step):
-        """Evaluate, keep the best, count evaluations without improvement. Returns True to stop early."""
-        nonlocal best_val, best_state, best_epoch, bad_evals
-        val = evaluate_loss(fused, val_batches, cfg.influence_weight, ctx)
-        history.append({"epoch": epoch, "step": step, "val_loss": val})
-        mem = f", max mem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if device_type == "cuda" else ""
-        log(f"epoch {epoch} step {step}: val loss {val:.4f} (frozen base {base_val:.4f}){mem}")
-        if val < best_val:
-            best_val, best_epoch, bad_evals = val, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in fused.trainable_state_dict().items()}
-            save(val, epoch, step)
-            return False
-        bad_evals += 1
-        return bool(cfg.patience) and bad_evals >= cfg.patience
 
-    step = 0
-    t0 = time.time()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    fused.train()
-    for epoch in range(1, cfg.num_epochs + 1):
-        order = torch.randperm(len(train_set), generator=gen).tolist()
-        micro = [collate([train_set[i] for i in order[j:j + cfg.batch_size]], device)
-                 for j in range(0, len(order), cfg.batch_size)]
-        for s in range(0, len(micro), cfg.gradient_accumulation_steps):
-            group = micro[s:s + cfg.gradient_accumulation_steps]
-            lr = linear_lr(step, warmup, total_steps, cfg.learning_rate)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            count = sum(int(b[2].sum()) for b in group)  # completion tokens of the whole step
-            loss_total = 0.0
-            for X, Y, M, S, SM in group:
-                with ctx:
-                    _, loss_sum = fused(X, fused.encode_scaffold(S, SM), Y, M, weight=cfg.influence_weight,
-                                        loss_reduction="sum")
-                # divided by the step's token count: accumulated micro-batches equal one big batch
-                scaler.scale(loss_sum / max(count, 1)).backward()
-                loss_total += loss_sum.item()
-            if not math.isfinite(loss_total):
-                raise RuntimeError(f"non-finite training loss at step {step} (epoch {epoch}): lower learning_rate "
-                                   f"({cfg.learning_rate}) or use dtype float32; the best model so far is kept at {path}")
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in fused.parameters() if p.requires_grad], cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.log_interval == 0:
-                mem = f", mem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if device_type == "cuda" else ""
-                log(f"epoch {epoch} step {step}/{total_steps}: loss {loss_total / max(count, 1):.4f}, lr {lr:.2e}, "
-                    f"{time.time() - t0:.0f}s{mem}")
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and s + len(group) < len(micro):
-                if run_eval(epoch, step):
-                    stopped_early = True
-                    break
-        if not stopped_early and run_eval(epoch, step):
-            stopped_early = True
-        fused.eval()
-        for ex in val_examples:
-            got = answer(fused, base_tok, scaffold_tok, ex, max_new_tokens=cfg.max_new_tokens,
-                         scaffold_weight=cfg.influence_weight, temperature=cfg.temperature, top_k=cfg.top_k)
-            shown = ex["prompt"] if ex["prompt"] is not None else ex["turns"][-1][1]
-            log(f"  sample: {shown!r} -> {got!r} (expected {ex['completion']!r})")
-        fused.train()
-        if stopped_early:
-            log(f"early stop: no better val loss in {cfg.patience} evaluations (best {best_val:.4f}, epoch {best_epoch})")
-            break
+def restore(run, ckpt):
+    """Put a saved training state into a freshly set-up run: weights, optimizer, scaler, the data position and
+    the order generator, the random state, the best model and the patience counters."""
+    if ckpt["train_records"] != len(run.train_set):
+        raise CheckpointError(f"{run.state_path}: the saved run trained on {ckpt['train_records']} records, "
+                              f"{run.cfg.train_file} now gives {len(run.train_set)}: resume with the file it started "
+                              f"with")
+    load_trainable(run.fused, ckpt, run.state_path)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scaler.is_enabled() and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    for key in ("epoch", "position", "order_rng"):
+        setattr(run, key, ckpt["loader"][key])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"].get("cuda") is not None and run.device.startswith("cuda"):
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    run.step, run.base_val, run.best_state = ckpt["iter_num"], ckpt["base_val_loss"], ckpt["best_model"]
+    run.best_val = ckpt["best_val_loss"] if ckpt["best_val_loss"] is not None else float("inf")
+    for key in ("best_epoch", "bad_evals", "bad_steps", "stopped_early", "history"):
+        setattr(run, key, ckpt[key])
 
-    if best_state is None:
-        raise RuntimeError(f"the validation loss was never finite ({history[-1]['val_loss']}): lower learning_rate "
-                           f"or use dtype float32")
-    # the figures: the best model at several influence weights, and the frozen base through GPT.forward
-    fused.load_state_dict(best_state, strict=False)
+
+def scaffold_checkpoint(run, val_loss, with_state):
+    """The scaffold's checkpoint (checkpoint.make_checkpoint's layout): the fusers and adapters, where the base and
+    the scaffold come from, both tokenizers. with_state: the whole training state too (for --init_from resume)."""
+    cfg, info = run.cfg, run.info
+    ck = make_checkpoint(run.fused.trainable_state_dict(), info["model_args"], asdict(cfg),
+                         run.base_tok.state_dict(), run.step, None if run.best_val == float("inf") else run.best_val,
+                         info["lora"], info["base"], run.data_format, kind="scaffold", scaffold=info["scaffold"],
+                         scaffold_tokenizer=run.scaffold_tok.state_dict(), epoch=run.epoch, step=run.step,
+                         val_loss=val_loss, base_val_loss=run.base_val)
+    if with_state:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(run.device) if run.device.startswith("cuda") else None}
+        ck.update(optimizer=run.optimizer.state_dict(),
+                  scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                  loader={"epoch": run.epoch, "position": run.position, "order_rng": run.order_rng}, rng=rng,
+                  best_model=run.best_state, best_epoch=run.best_epoch, bad_evals=run.bad_evals,
+                  bad_steps=run.bad_steps, stopped_early=run.stopped_early, history=run.history,
+                  train_records=len(run.train_set))
+    return ck
+
+
+def save_training_state(run):
+    last_val = run.history[-1]["val_loss"] if run.history else None
+    atomic_save(scaffold_checkpoint(run, last_val, with_state=True), run.state_path)
+    run.saved_at = (run.epoch, run.position)
+
+
+def epoch_order(run):
+    """This epoch's micro-batches (a seeded shuffle of the train records) and the order generator's state for the
+    next epoch. Drawn from run.order_rng, so a resumed run draws the same order as the run it continues."""
+    gen = torch.Generator()
+    gen.set_state(run.order_rng)
+    order = torch.randperm(len(run.train_set), generator=gen).tolist()
+    bs = run.cfg.batch_size
+    micro = [collate([run.train_set[i] for i in order[j:j + bs]], run.device) for j in range(0, len(order), bs)]
+    return micro, gen.get_state()
+
+
+def train_step(run, group):
+    """One optimizer step over the micro-batches in `group` -> (the step's loss per completion token, whether it
+    was taken). A step whose loss or gradient is not finite is skipped: the weights and Adam's state stay as they
+    were."""
+    fused, scaler, optimizer = run.fused, run.scaler, run.optimizer
+    count = sum(int(b[2].sum()) for b in group)  # completion tokens of the whole step
+    loss_total = 0.0
+    for X, Y, M, S, SM in group:
+        with run.ctx:
+            _, loss_sum = fused(X, fused.encode_scaffold(S, SM), Y, M, weight=run.cfg.influence_weight,
+                                loss_reduction="sum")
+        # divided by the step's token count: accumulated micro-batches equal one big batch
+        scaler.scale(loss_sum / max(count, 1)).backward()
+        loss_total += loss_sum.item()
+    scaler.unscale_(optimizer)
+    params = [p for p in fused.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip or float("inf"))  # inf: the norm, no clip
+    ok = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
+    if ok:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total / max(count, 1), ok
+
+
+def count_bad_step(run, ok, loss):
+    """Non-finite steps are skipped and counted; max_bad_steps of them in a row stop the run."""
+    if ok:
+        run.bad_steps = 0
+        return
+    cfg = run.cfg
+    run.bad_steps += 1
+    run.log(f"step {run.step}: non-finite loss or gradient ({loss}); step skipped "
+            f"({run.bad_steps}/{cfg.max_bad_steps})")
+    run.metrics.write(iter=run.step, epoch=run.epoch, skipped=True)
+    if run.bad_steps >= cfg.max_bad_steps:
+        raise ScaffoldError(f"{run.bad_steps} non-finite steps in a row at step {run.step} (epoch {run.epoch}): lower "
+                            f"learning_rate ({cfg.learning_rate}) or use dtype float32; the best model so far is kept "
+                            f"at {run.path}, the last training state at {run.state_path}")
+
+
+def evaluate_and_keep(run):
+    """Evaluate, keep (and save) the best, count evaluations without improvement. Returns True to stop early."""
+    cfg = run.cfg
+    val = evaluate_loss(run.fused, run.val_batches, cfg.influence_weight, run.ctx)
+    run.history.append({"epoch": run.epoch, "step": run.step, "val_loss": val})
+    run.metrics.write(iter=run.step, epoch=run.epoch, val_loss=val)
+    run.metrics.plot()
+    mem = f", max mem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if run.device.startswith("cuda") else ""
+    run.log(f"epoch {run.epoch} step {run.step}: val loss {val:.4f} (frozen base {run.base_val:.4f}){mem}")
+    if val < run.best_val:
+        run.best_val, run.best_epoch, run.bad_evals = val, run.epoch, 0
+        run.best_state = {k: v.detach().clone() for k, v in run.fused.trainable_state_dict().items()}
+        atomic_save(scaffold_checkpoint(run, val, with_state=False), run.path)
+        return False
+    run.bad_evals += 1
+    return bool(cfg.patience) and run.bad_evals >= cfg.patience
+
+
+def log_samples(run):
+    """Answers to a few validation prompts. temperature > 0 draws from a generator of its own, so the run's
+    random state (dropout) is the same with or without samples."""
+    cfg, fused = run.cfg, run.fused
     fused.eval()
-    by_weight = {w: evaluate_loss(fused, val_batches, w, ctx) for w in (1.0, 0.5, 0.0)}
-    log(f"best model (epoch {best_epoch}) saved to {path}")
-    log("val loss by scaffold_weight: " + ", ".join(f"{w:g}: {v:.4f}" for w, v in by_weight.items())
-        + f"; frozen base alone: {base_val:.4f}")
-    return {"base_val_loss": base_val, "best_val_loss": best_val, "val_loss_by_weight": by_weight, "epochs": epoch,
-            "steps": step, "stopped_early": stopped_early, "history": history, "path": path, "model": fused}
+    gen = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    for ex in run.val_examples:
+        got = answer(fused, run.base_tok, run.scaffold_tok, ex, max_new_tokens=cfg.max_new_tokens,
+                     scaffold_weight=cfg.influence_weight, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
+        shown = ex["prompt"] if ex["prompt"] is not None else ex["turns"][-1][1]
+        run.log(f"  sample: {shown!r} -> {got!r} (expected {ex['completion']!r})")
+    fused.train()
+
+
+def end_epoch(run, next_order_rng):
+    """The end of an epoch (or of an early-stopped one): evaluate, answer sample prompts, maybe stop early; the
+    training state saved then points at the next epoch."""
+    cfg = run.cfg
+    if not run.stopped_early:
+        run.stopped_early = evaluate_and_keep(run)
+    log_samples(run)
+    if run.stopped_early:
+        run.log(f"early stop: no better val loss in {cfg.patience} evaluations (best {run.best_val:.4f}, epoch "
+                f"{run.best_epoch})")
+    run.epoch, run.position, run.order_rng = run.epoch + 1, 0, next_order_rng
+    save_training_state(run)
+
+
+def train(cfg, log=print):
+    """Train the fusers and the scaffold's adapters as configured; the best model (val loss) is saved to
+    scaffold.pt, the latest training state to scaffold_ckpt.pt (after every evaluation, and on SIGINT/SIGTERM).
+    Returns a summary dict: base_val_loss, best_val_loss, val_loss_by_weight, epochs, steps, stopped_early,
+    stopped_by_signal, history, path, state_path, and the fused model itself (the best state, in eval mode)."""
+    run = setup(cfg, log)
+    ga = cfg.gradient_accumulation_steps
+    t0 = time.time()
+    run.fused.train()
+    with stop_signals() as stop:
+        while run.epoch <= cfg.num_epochs and not run.stopped_early and not stop:
+            micro, next_order_rng = epoch_order(run)
+            while run.position < len(micro) and not stop:
+                group = micro[run.position:run.position + ga]
+                run.position += len(group)
+                epoch_done = run.position >= len(micro)
+
+                # the learning rate: warmup, then cosine decay (runtime.get_lr)
+                lr = lr_at(run.step, cfg, run.total_steps)
+                for g in run.optimizer.param_groups:
+                    g["lr"] = lr
+
+                # forward, backward, step (or skip it when the loss or the gradient is not finite)
+                loss, ok = train_step(run, group)
+                run.step += 1
+                count_bad_step(run, ok, loss)
+
+                # log
+                if ok and run.step % cfg.log_interval == 0:
+                    cuda = run.device.startswith("cuda")
+                    mem = f", mem {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if cuda else ""
+                    log(f"epoch {run.epoch} step {run.step}/{run.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                        f"{time.time() - t0:.0f}s{mem}")
+                    run.metrics.write(iter=run.step, epoch=run.epoch, loss=loss, lr=lr, time=time.time() - t0)
+
+                # evaluate every eval_interval steps (the epoch's last step is evaluated below), save the state
+                if cfg.eval_interval and run.step % cfg.eval_interval == 0 and not epoch_done:
+                    run.stopped_early = evaluate_and_keep(run)
+                    save_training_state(run)
+                    if run.stopped_early:
+                        break
+            if run.position < len(micro) and not run.stopped_early:
+                break  # stopped by a signal mid-epoch: saved below
+            end_epoch(run, next_order_rng)
+        if stop:
+            if run.saved_at != (run.epoch, run.position):
+                save_training_state(run)
+            log(f"stopped by signal {stop[0]} at step {run.step}; training state saved to {run.state_path} "
+                f"(go on with --init_from resume)")
+            return summary(run, None, stopped_by_signal=True)
+    return finish(run)
+
+
+def finish(run):
+    """The best model back in place, its figures at several influence weights, the summary."""
+    if run.best_state is None:
+        raise ScaffoldError(f"the validation loss was never finite ({run.history[-1]['val_loss']}): lower "
+                            f"learning_rate or use dtype float32")
+    run.fused.load_state_dict(run.best_state, strict=False)
+    run.fused.eval()
+    by_weight = {w: evaluate_loss(run.fused, run.val_batches, w, run.ctx) for w in (1.0, 0.5, 0.0)}
+    run.log(f"best model (epoch {run.best_epoch}) saved to {run.path}")
+    run.log("val loss by scaffold_weight: " + ", ".join(f"{w:g}: {v:.4f}" for w, v in by_weight.items())
+            + f"; frozen base alone: {run.base_val:.4f}")
+    run.metrics.plot()
+    return summary(run, by_weight)
+
+
+def summary(run, by_weight, stopped_by_signal=False):
+    return {"base_val_loss": run.base_val, "best_val_loss": run.best_val, "val_loss_by_weight": by_weight,
+            "epochs": min(run.epoch, run.cfg.num_epochs) if stopped_by_signal else run.epoch - 1, "steps": run.step,
+            "stopped_early": run.stopped_early, "stopped_by_signal": stopped_by_signal, "history": run.history,
+            "path": run.path, "state_path": run.state_path, "model": run.fused}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -755,7 +975,7 @@ def parse_weights(text):
     try:
         return [check_weight(float(w)) for w in str(text).split(",") if w.strip()]
     except ValueError:
-        raise ValueError(f"scaffold_weight {text!r} is outside [0, 1] or not a number: 0 is the base model alone, "
+        raise InputError(f"scaffold_weight {text!r} is outside [0, 1] or not a number: 0 is the base model alone, "
                          f"1 the full scaffold influence") from None
 
 
@@ -836,35 +1056,30 @@ def interactive(config_file=None):
                 print(answer(fused, base_tok, scaffold_tok, example_from_prompt(line, ckpt.get("data_format")),
                              max_new_tokens=cfg.max_new_tokens, scaffold_weight=weight, temperature=cfg.temperature,
                              top_k=cfg.top_k))
-        except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
-            print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        except GPTLabError as e:  # a bad prompt, weight or setting: say so and carry on; anything else is a bug
+            print(f"error: {first_line(e)}", file=sys.stderr)
 
 
+@one_line_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and not argv[0].startswith("--") else "interactive"
     rest = argv[1:] if command != "interactive" else argv
-    try:
-        if command == "train":
-            from config import parse_cli
-            config_file, overrides = parse_cli(rest)
-            train(load_scaffold_config(config_file or DEFAULT_CONFIG, overrides))
-        elif command in ("generate", "evaluate"):
-            args = parse_generate_args(rest, command)
-            cmd_generate(args) if command == "generate" else cmd_evaluate(args)
-        elif command == "interactive":
-            config_file = rest[1] if rest[:1] == ["--config_file"] and len(rest) > 1 else None
-            if rest and config_file is None:
-                raise ValueError(f"unexpected arguments {' '.join(rest)}: use train, generate, evaluate, or "
-                                 f"--config_file FILE alone for the interactive loop")
-            interactive(config_file)
-        else:
-            raise ValueError(f"unknown command '{command}': use train, generate, evaluate, or no command for the "
-                             f"interactive loop")
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
+    if command == "train":
+        config_file, overrides = parse_cli(rest)
+        train(load_scaffold_config(config_file or DEFAULT_CONFIG, overrides))
+    elif command in ("generate", "evaluate"):
+        args = parse_generate_args(rest, command)
+        cmd_generate(args) if command == "generate" else cmd_evaluate(args)
+    elif command == "interactive":
+        config_file = rest[1] if rest[:1] == ["--config_file"] and len(rest) > 1 else None
+        if rest and config_file is None:
+            raise InputError(f"unexpected arguments {' '.join(rest)}: use train, generate, evaluate, or "
+                             f"--config_file FILE alone for the interactive loop")
+        interactive(config_file)
+    else:
+        raise InputError(f"unknown command '{command}': use train, generate, evaluate, or no command for the "
+                         f"interactive loop")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ are learnable even when only LoRA adapters train (no new embedding rows needed).
 import json
 import os
 
+from errors import InputError, MissingFileError
+
 EOT_TEXT = "<|endoftext|>"
 # the regex GPT-2 uses to pre-split text before BPE (from the GPT-2 release, as tiktoken has it)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -33,6 +35,9 @@ ROLE_MARKERS = {
     "assistant": "<|assistant|>\n",
     "tool": "<|tool|>\n",  # tool / observation results: context, never trained on
 }
+# a trained model closes its turn with the end-of-text token; one that starts the user's next turn instead is cut
+# there, the newline before that marker included (sample.py and serve.py stop at these texts)
+TURN_STOPS = (ROLE_MARKERS["user"], "\n" + ROLE_MARKERS["user"])
 TEMPLATE_TEXT = "".join(ROLE_MARKERS.values())  # every character the template can emit (char vocab needs them)
 
 
@@ -74,13 +79,13 @@ class Tokenizer:
             self.vocab_size = self.enc.n_vocab  # 50257
         elif kind == "char":
             if not chars:
-                raise ValueError("char tokenizer needs a vocabulary (build it from the data with Tokenizer.char_from_texts)")
+                raise InputError("char tokenizer needs a vocabulary (build it from the data with Tokenizer.char_from_texts)")
             self.chars = list(chars)
             self.stoi = {c: i for i, c in enumerate(self.chars)}
             self.eot_token = len(self.chars)  # the reserved id: document separator, end of turn and BOS
             self.vocab_size = len(self.chars) + 1
         else:
-            raise ValueError(f"unknown tokenization '{kind}': use 'gpt2' or 'char'")
+            raise InputError(f"unknown tokenization '{kind}': use 'gpt2' or 'char'")
 
     @classmethod
     def char_from_texts(cls, texts):
@@ -95,7 +100,7 @@ class Tokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the char vocabulary of this model/dataset") from None
+            raise InputError(f"character {e.args[0]!r} is not in the char vocabulary of this model/dataset") from None
 
     def encode_batch(self, texts, num_threads=1):
         if self.kind == "gpt2":
@@ -153,11 +158,17 @@ class Tokenizer:
         try:
             with open(path) as f:
                 state = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: tokenizer_state.json not found (prepare the dataset with prepare_dataset.py)") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise MissingFileError(f"{path}: tokenizer_state.json not found (prepare the dataset with prepare_dataset.py)") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-run prepare_dataset.py") from None
+            raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-run prepare_dataset.py") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text; re-run prepare_dataset.py") from None
         return cls.from_state(state)
+
+
+class MissingBPEError(MissingFileError, RuntimeError):
+    """tiktoken's GPT-2 BPE files are neither cached nor downloadable (still a RuntimeError, as it always was)."""
 
 
 def _gpt2_from_tiktoken():
@@ -165,7 +176,7 @@ def _gpt2_from_tiktoken():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # no network and no cache: tiktoken raises a requests/URL error deep inside
-        raise RuntimeError(
+        raise MissingBPEError(
             f"cannot load GPT-2 BPE files ({type(e).__name__}): no network and no tiktoken cache. Either set "
             "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files (e.g. ../shared/tiktoken_cache), "
             "or use --tokenization char") from None
@@ -192,9 +203,14 @@ def _gpt2_from_hf_dir(hf_dir):
     import tiktoken
     vocab_path = os.path.join(hf_dir, "vocab.json")
     if not os.path.exists(vocab_path) or not os.path.exists(os.path.join(hf_dir, "merges.txt")):
-        raise FileNotFoundError(f"{hf_dir}: no vocab.json + merges.txt to build the GPT-2 tokenizer from")
-    with open(vocab_path, encoding="utf-8") as f:
-        vocab = json.load(f)
+        raise MissingFileError(f"{hf_dir}: no vocab.json + merges.txt to build the GPT-2 tokenizer from")
+    try:
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{vocab_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{vocab_path}: not UTF-8 text") from None
     byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
     ranks, special = {}, {}
     for token, idx in vocab.items():

@@ -106,13 +106,13 @@ METHODS = {
 }
 
 
-def apply_finetuning(model, cfg, merges=0):
+def apply_finetuning(model, cfg, merge_count=0):
     """Put the configured method on the model (adapters placed, the rest frozen). Returns the lora kwargs (None
     for a full fine-tune)."""
     method = METHODS[cfg.finetuning_type]
     if method.refuse:
         method.refuse(cfg, model, fsdp=False)
-    return method.place(model, cfg, merges)
+    return method.place(model, cfg, merge_count)
 
 
 def backprop_step(run, lr):
@@ -424,7 +424,9 @@ def restore_training_state(run, ckpt):
     """What resume needs besides the weights: the optimizer, every rank's loader position and RNG, the scaler."""
     if run.optimizer is not None and ckpt.get("optimizer"):
         load_optimizer_state(run.raw_model, run.optimizer, ckpt["optimizer"], run.fsdp)
-    if run.rank < len(ckpt["loader"]):  # a rank the saved run did not have keeps its own fresh stream (not rank 0's)
+    # a rank the saved run did not have keeps its own fresh stream (not rank 0's); so does every rank of a
+    # checkpoint that never trained here (a peft adapter imported by convert_hf.py: no loader state at all)
+    if run.rank < len(ckpt.get("loader") or []):
         run.train_loader.load_state_dict(ckpt["loader"][run.rank])
     if "rng" in ckpt:
         torch.set_rng_state(ckpt["rng"]["torch"][run.rank % len(ckpt["rng"]["torch"])])

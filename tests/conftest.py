@@ -85,7 +85,7 @@ def make_hf_gpt2(folder, vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, 
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     if tokenizer_files:
-        from convert_hf import write_gpt2_tokenizer_files
+        from hf import write_gpt2_tokenizer_files
         from tokenizer import Tokenizer
         write_gpt2_tokenizer_files(Tokenizer("gpt2"), folder)
     return str(folder)

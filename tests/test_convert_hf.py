@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: E402
 
 import convert_hf  # noqa: E402
+from hf import export_hf, load_hf_gpt2, write_gpt2_tokenizer_files  # noqa: E402
 from conftest import make_hf_gpt2  # noqa: E402
 import lora  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -102,7 +103,7 @@ SHAPES = [  # (n_layer, n_head, n_embd, vocab_size, n_positions, format)
 def test_convert_matches_transformers_and_exports_back(tmp_path, n_layer, n_head, n_embd, vocab, n_pos, fmt):
     hf = make_hf(vocab, n_pos, n_embd, n_layer, n_head, seed=n_layer * 7 + n_embd)
     d = save_hf(hf, tmp_path / "hf", fmt)
-    model, tok = convert_hf.load_hf_gpt2(str(d))
+    model, tok = load_hf_gpt2(str(d))
 
     c = model.config
     assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.bias) == (n_layer, n_head, n_embd, n_pos, True)
@@ -119,7 +120,7 @@ def test_convert_matches_transformers_and_exports_back(tmp_path, n_layer, n_head
     assert (ours[..., :vocab] - ref).abs().max().item() <= 1e-4
 
     out = tmp_path / "export"
-    convert_hf.export_hf(model, tok, str(out), vocab_size=vocab)
+    export_hf(model, tok, str(out), vocab_size=vocab)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_size"] == vocab and cfg["n_positions"] == n_pos and cfg["model_type"] == "gpt2"
     back, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
@@ -130,7 +131,7 @@ def test_convert_matches_transformers_and_exports_back(tmp_path, n_layer, n_head
 
 def test_export_merges_lora_into_a_copy(tmp_path):
     hf = make_hf()
-    model, tok = convert_hf.load_hf_gpt2(str(save_hf(hf, tmp_path / "hf", "safetensors")))
+    model, tok = load_hf_gpt2(str(save_hf(hf, tmp_path / "hf", "safetensors")))
     lora.apply_lora(model, rank=4, alpha=8, dropout=0.0, targets=["q", "v", "attn.c_proj", "c_fc", "mlp.c_proj"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -141,7 +142,7 @@ def test_export_merges_lora_into_a_copy(tmp_path):
     assert (ours - hf_logits(hf, idx)).abs().max().item() > 1e-3  # the adapters really change the model
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    convert_hf.export_hf(model, tok, str(tmp_path / "out"), vocab_size=1000)
+    export_hf(model, tok, str(tmp_path / "out"), vocab_size=1000)
     back = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     assert (hf_logits(back, idx) - ours).abs().max().item() <= 1e-4
     assert lora.lora_layers(model) and not any(m.merged for m in lora.lora_layers(model))
@@ -152,7 +153,7 @@ def test_export_bias_free_char_model(tmp_path):
     tok = Tokenizer.char_from_texts(["to be or not to be"])
     torch.manual_seed(1)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False)).eval()
-    out = convert_hf.export_hf(model, tok, str(tmp_path / "char"))
+    out = export_hf(model, tok, str(tmp_path / "char"))
     cfg = json.loads(Path(out, "config.json").read_text())
     assert cfg["vocab_size"] == tok.vocab_size  # padding rows cut back to the tokenizer's vocabulary
     assert not Path(out, "vocab.json").exists()  # GPT-2 BPE files only for the gpt2 tokenizer
@@ -162,19 +163,19 @@ def test_export_bias_free_char_model(tmp_path):
     assert (hf_logits(back, idx) - gpt_logits(model, idx)[..., :tok.vocab_size]).abs().max().item() <= 1e-5
 
     # re-export over the previous export replaces it; a foreign non-empty directory is refused
-    convert_hf.export_hf(model, tok, out)
+    export_hf(model, tok, out)
     foreign = tmp_path / "precious"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="precious: exists and is not a previous export"):
-        convert_hf.export_hf(model, tok, str(foreign))
+        export_hf(model, tok, str(foreign))
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
 def test_export_refuses_bos_zero_model(tmp_path):
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8, use_bos_zero_training=True))
     with pytest.raises(ValueError, match="use_bos_zero_training"):
-        convert_hf.export_hf(model, Tokenizer.char_from_texts(["ab"]), str(tmp_path / "x"))
+        export_hf(model, Tokenizer.char_from_texts(["ab"]), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 
@@ -189,7 +190,7 @@ def test_gpt2_tokenizer_files_are_gpt2s_own_and_encode_like_tiktoken(tmp_path):
     if not encoder_json.exists():
         pytest.skip("shared tiktoken cache not found")
     tiktoken_tok = Tokenizer("gpt2")
-    convert_hf.write_gpt2_tokenizer_files(tiktoken_tok, str(tmp_path))
+    write_gpt2_tokenizer_files(tiktoken_tok, str(tmp_path))
     # rebuilt from tiktoken's ranks, the files are byte for byte GPT-2's released encoder.json / vocab.bpe
     assert (tmp_path / "vocab.json").read_bytes() == encoder_json.read_bytes()
     assert (tmp_path / "merges.txt").read_bytes() == vocab_bpe.read_bytes()
@@ -208,13 +209,13 @@ def test_gpt2_tokenizer_files_are_gpt2s_own_and_encode_like_tiktoken(tmp_path):
 def test_tokenizer_comes_from_the_dir_when_it_has_files(tmp_path):
     hf = make_hf(vocab_size=50257, n_embd=8, n_layer=1, n_head=1, n_positions=16)
     d = save_hf(hf, tmp_path / "hf", "safetensors")
-    assert convert_hf.load_hf_gpt2(str(d))[1].hf_dir is None  # no files: tiktoken's gpt2
-    convert_hf.write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
-    model, tok = convert_hf.load_hf_gpt2(str(d))
+    assert load_hf_gpt2(str(d))[1].hf_dir is None  # no files: tiktoken's gpt2
+    write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
+    model, tok = load_hf_gpt2(str(d))
     assert tok.hf_dir == str(d) and tok.vocab_size == 50257 and model.config.vocab_size == 50304
     (d / "merges.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"merges.txt: not found, but vocab.json is"):
-        convert_hf.load_hf_gpt2(str(d))
+        load_hf_gpt2(str(d))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,46 +243,46 @@ def test_bad_directories_give_clear_errors(tmp_path, good_dir):
     empty.mkdir()
     (empty / "README.md").write_text("hi")
     with pytest.raises(FileNotFoundError, match=r"empty/config.json: not found \(the directory holds: README.md\)"):
-        convert_hf.load_hf_gpt2(str(empty))
+        load_hf_gpt2(str(empty))
 
     llama = _copy(good_dir, tmp_path / "llama")
     _edit_config(llama, model_type="llama")
     with pytest.raises(ValueError, match=r"config.json: model_type is 'llama', expected 'gpt2'"):
-        convert_hf.load_hf_gpt2(str(llama))
+        load_hf_gpt2(str(llama))
 
     relu = _copy(good_dir, tmp_path / "relu")
     _edit_config(relu, activation_function="relu")
     with pytest.raises(ValueError, match=r"activation_function is 'relu'.*tanh GELU"):
-        convert_hf.load_hf_gpt2(str(relu))
+        load_hf_gpt2(str(relu))
 
     eps = _copy(good_dir, tmp_path / "eps")
     _edit_config(eps, layer_norm_epsilon=1e-6)
     with pytest.raises(ValueError, match=r"layer_norm_epsilon is 1e-06.*1e-5"):
-        convert_hf.load_hf_gpt2(str(eps))
+        load_hf_gpt2(str(eps))
 
     no_weights = _copy(good_dir, tmp_path / "noweights")
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"noweights: no weights file \(found: config.json.*expected model.sa"):
-        convert_hf.load_hf_gpt2(str(no_weights))
+        load_hf_gpt2(str(no_weights))
 
     truncated = _copy(good_dir, tmp_path / "truncated")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"truncated/model.safetensors: not a readable safetensors file, truncated"):
-        convert_hf.load_hf_gpt2(str(truncated))
+        load_hf_gpt2(str(truncated))
 
     shape = _copy(good_dir, tmp_path / "shape")
     _edit_config(shape, vocab_size=128)  # the file's wte has 100 rows
     with pytest.raises(ValueError, match=r"tensor 'wte.weight' has shape \(100, 16\), expected \(128, 16\)"):
-        convert_hf.load_hf_gpt2(str(shape))
+        load_hf_gpt2(str(shape))
 
     deeper = _copy(good_dir, tmp_path / "deeper")
     _edit_config(deeper, n_layer=2)  # config promises a layer the file lacks
     with pytest.raises(ValueError, match=r"tensor 'h.1.ln_1.weight' is missing"):
-        convert_hf.load_hf_gpt2(str(deeper))
+        load_hf_gpt2(str(deeper))
 
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        convert_hf.load_hf_gpt2(str(tmp_path / "nowhere"))
+        load_hf_gpt2(str(tmp_path / "nowhere"))
 
 
 def test_extra_tensor_truncated_bin_and_untied_head(tmp_path):
@@ -290,18 +291,18 @@ def test_extra_tensor_truncated_bin_and_untied_head(tmp_path):
     sd = torch.load(d / "pytorch_model.bin", weights_only=True)
     torch.save({**sd, "transformer.h.0.mlp.c_gate.weight": torch.zeros(3)}, d / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"has no place for: h.0.mlp.c_gate.weight"):
-        convert_hf.load_hf_gpt2(str(d))
+        load_hf_gpt2(str(d))
 
     untied = dict(sd)
     untied["lm_head.weight"] = sd["lm_head.weight"] + 1.0
     torch.save(untied, d / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"lm_head.weight differs from wte.weight"):
-        convert_hf.load_hf_gpt2(str(d))
+        load_hf_gpt2(str(d))
 
     data = (d / "pytorch_model.bin").read_bytes()
     (d / "pytorch_model.bin").write_bytes(data[:1000])
     with pytest.raises(ValueError, match=r"pytorch_model.bin: not a readable PyTorch weights file, truncated"):
-        convert_hf.load_hf_gpt2(str(d))
+        load_hf_gpt2(str(d))
 
 
 def test_hub_id_without_network_says_how_to_use_a_local_dir(monkeypatch):
@@ -313,7 +314,7 @@ def test_hub_id_without_network_says_how_to_use_a_local_dir(monkeypatch):
     monkeypatch.setattr(hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match=r"'gpt2' is not a local directory and could not be downloaded.*"
                                                 r"--local-dir DIR\) and pass that local DIR"):
-        convert_hf.load_hf_gpt2("gpt2")
+        load_hf_gpt2("gpt2")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def test_cli_convert_then_export_end_to_end(tmp_path):
 
     hf = make_hf(vocab_size=50257, n_embd=16, n_layer=2, n_head=2, n_positions=32)
     d = save_hf(hf, tmp_path / "hf", "safetensors")
-    convert_hf.write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
+    write_gpt2_tokenizer_files(Tokenizer("gpt2"), str(d))
     ckpts = tmp_path / "ckpts"
 
     r = run_cli("--hf_dir", str(d), "--model_name", "tiny", "--out_dir", str(ckpts), cwd=tmp_path)
@@ -360,11 +361,13 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path, good_dir, capsys):
         (["--hf_dir", str(good_dir), "--model_name", "m", *ckpts], "ckpt.pt: already exists; pass --overwrite"),
         (["--hf_dir", str(tmp_path / "missing"), "--model_name", "x", *ckpts], "missing: no such directory"),
         (["--model_name", "nope", "--export_dir", str(tmp_path / "e"), *ckpts], "no checkpoint for model 'nope'"),
-        (["--model_name", "m", *ckpts], "exactly one of --hf_dir DIR (convert) or --export_dir DIR"),
+        (["--model_name", "m", *ckpts], "exactly one of --hf_dir DIR (convert"),
     ]
     for argv, message in cases:
         capsys.readouterr()
-        assert convert_hf.main(argv) == 1, argv
+        with pytest.raises(SystemExit) as e:  # every command: `error: <one line>`, exit status 1
+            convert_hf.main(argv)
+        assert e.value.code == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert convert_hf.main(["--hf_dir", str(good_dir), "--model_name", "m", *ckpts, "--overwrite"]) == 0

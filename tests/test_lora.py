@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from transformers import GPT2LMHeadModel  # noqa: E402
 
-import convert_hf  # noqa: E402
+from hf import load_hf_gpt2  # noqa: E402
 import lora  # noqa: E402
 from conftest import make_hf_gpt2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -31,7 +31,7 @@ def pair(tmp_path_factory):
 
 
 def converted(pair):
-    return convert_hf.load_hf_gpt2(pair[1])[0].eval()
+    return load_hf_gpt2(pair[1])[0].eval()
 
 
 def logits(model, idx):

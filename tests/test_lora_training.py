@@ -20,6 +20,7 @@ from transformers import GPT2LMHeadModel  # noqa: E402
 
 import checkpoint  # noqa: E402
 import convert_hf  # noqa: E402
+from hf import load_hf_gpt2  # noqa: E402
 import lora  # noqa: E402
 import prepare_dataset  # noqa: E402
 import sample  # noqa: E402
@@ -149,7 +150,7 @@ def test_lora_run_starts_from_hf_keeps_only_adapters_and_leaves_the_base_bit_for
     assert small < 0.05 * full, (small, full)  # adapters + their optimizer state: ~2% of the weights
 
     # the trained model itself: adapters moved, every base tensor (LoRALinear.weight/.bias included) unchanged
-    original, _ = convert_hf.load_hf_gpt2(hf_dir)
+    original, _ = load_hf_gpt2(hf_dir)
     ref = original.state_dict()
     ref["transformer.wpe.weight"] = ref["transformer.wpe.weight"][:64]  # cropped to block_size 64
     state = trained.state_dict()
@@ -213,7 +214,7 @@ def test_full_finetune_from_hf_starts_from_the_converted_weights(lora_run, data,
     assert first_val_loss(out, "full") == first_val_loss(out, "lo")
     ckpt = checkpoint.load_checkpoint(os.path.join(out, "full", "ckpt.pt"))
     assert ckpt["base"] is None and ckpt["lora"] is None
-    original, _ = convert_hf.load_hf_gpt2(hf_dir)
+    original, _ = load_hf_gpt2(hf_dir)
     w = "transformer.h.0.mlp.c_fc.weight"
     diff = (ckpt["model"][w] - original.state_dict()[w]).abs().max().item()
     assert 0 < diff < 0.1  # trained, two small steps away from the converted weights
@@ -258,7 +259,7 @@ def test_lora_step_keeps_no_logits_and_no_weight_copies_for_backward(hf_dir):
     """Why a LoRA step of GPT-2 124M needs about half the memory of a full one (README figures): besides AdamW
     state and gradients for the adapters only, backward holds no (tokens, vocab) logits (model.ChunkedCrossEntropy)
     and no bf16 copy of any frozen weight (lora.FrozenLinear), so only activations remain."""
-    model, _ = convert_hf.load_hf_gpt2(hf_dir)
+    model, _ = load_hf_gpt2(hf_dir)
     lora.apply_lora(model, rank=4, alpha=8.0, targets="all")
     idx = torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(0))  # 60 rows: no weight's size
     saved = saved_for_backward(model, idx, idx)
@@ -274,7 +275,7 @@ def test_memory_savers_compute_what_the_plain_code_computes(hf_dir, monkeypatch)
     autocast, where the saving happens."""
     import model as model_py
     monkeypatch.setattr(model_py, "LOSS_CHUNK_ELEMENTS", 50304 * 7)  # 7 rows a chunk: 60 rows in 9 chunks
-    base, _ = convert_hf.load_hf_gpt2(hf_dir)
+    base, _ = load_hf_gpt2(hf_dir)
     g = torch.Generator().manual_seed(1)
     idx, targets = torch.randint(0, V, (3, 20), generator=g), torch.randint(0, V, (3, 20), generator=g)
     targets[0, :4] = -1
@@ -282,7 +283,7 @@ def test_memory_savers_compute_what_the_plain_code_computes(hf_dir, monkeypatch)
     mask[2] = 0
     results = []
     for loss_only in (False, True):
-        m = convert_hf.load_hf_gpt2(hf_dir)[0]
+        m = load_hf_gpt2(hf_dir)[0]
         _, loss = m(idx, targets, mask, loss_only=loss_only)
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
@@ -366,7 +367,7 @@ def test_lora_chat_sft_of_a_converted_gpt2_learns_to_end_its_turn(hf_dir_64, dat
     with open(data["jsonl"]) as f:
         convs = [[(m["role"], m["content"]) for m in json.loads(line)["messages"]] for line in f][:30]
     convs = [c for c in convs if len(render_chat(Tokenizer("gpt2"), c)[0]) < 63]
-    base, _ = convert_hf.load_hf_gpt2(hf_dir)
+    base, _ = load_hf_gpt2(hf_dir)
     end0, start0 = end_of_turn_probs(base, convs)
 
     cfg = load_config(os.path.join(ROOT, "configs", "gpt2_lora_sft.json"),

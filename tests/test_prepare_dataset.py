@@ -185,6 +185,21 @@ def test_chat_json_list_file_and_forced_schema(tmp_path):
     assert meta["conversations"] == 1 and meta["skipped"] == {"no 'instruction' field": 1}
 
 
+def test_one_table_of_schemas_drives_detection_and_forcing():
+    """Every schema in prepare_dataset.CHAT_SCHEMAS is detected from its own record and can be forced on it; a
+    forced schema on another schema's record names the key it lacks."""
+    assert prepare_dataset.SCHEMA_CHOICES == ("auto", *prepare_dataset.CHAT_SCHEMAS)
+    for name, schema in prepare_dataset.CHAT_SCHEMAS.items():
+        record, turns = CHAT_CASES[name]
+        assert prepare_dataset.detect_schema(record) == name
+        assert prepare_dataset.conversation_turns(record, name) == prepare_dataset.conversation_turns(record) == (turns, None)
+        other = CHAT_CASES["openai" if name != "openai" else "sharegpt"][0]
+        assert prepare_dataset.conversation_turns(other, name) == (None, f"no '{schema.keys[0]}' field")
+    # prompt without completion: not detected as prompt/completion, but forcing it says what is wrong
+    assert prepare_dataset.conversation_turns({"prompt": "x"})[1].startswith("unknown schema (no messages/")
+    assert prepare_dataset.conversation_turns({"prompt": "x"}, "prompt_completion") == (None, "content is not text")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # text
 
@@ -333,6 +348,28 @@ def test_tokenizer_from_reuses_a_base_vocabulary(tmp_path):
     _untouched(out)
 
 
+def test_os_level_bad_paths_are_one_line_errors(tmp_path):
+    """Paths the operating system refuses (a file where a folder should be) are named in one line, as other bad
+    input is; nothing is written."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "one"}, {"text": "two"}])
+    cases = [(["--out_dir", str(tmp_path / "docs.jsonl" / "ds")], "docs.jsonl/ds: cannot create"),
+             (["--out_dir", str(tmp_path / "ds"), "--tokenizer_from", src], "tokenizer_state.json not found")]
+    for extra, expect in cases:
+        r = run_cli("--input_files", src, "--tokenization", "char", *extra)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and expect in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl"]
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
+    """Only the project's own errors become one line: anything else (a bug, a library's failure) propagates."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug somewhere inside")
+    monkeypatch.setattr(prepare_dataset, "prepare", broken)
+    with pytest.raises(RuntimeError, match="a bug somewhere inside"):
+        prepare_dataset.main(["--input_files", "x.txt", "--out_dir", str(tmp_path / "ds")])
+
+
 def test_a_folder_that_is_not_a_dataset_is_never_replaced(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "one"}, {"text": "two"}])
     (tmp_path / "project").mkdir()
@@ -378,3 +415,108 @@ def test_sample_chat_regenerates_and_prepares(tmp_path):
         assert json.dumps(rec["messages"][:-1]) not in train_prompts and rec["messages"][-1]["role"] == "assistant"
         for m in rec["messages"]:
             tok.encode(m["content"])  # every held-out character is in the vocabulary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parquet: the same records as JSONL give the same bytes
+
+def write_parquet(path, records, row_group_size=7):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    # pa.array infers one schema from every record (Table.from_pylist would take the first row's keys only)
+    pq.write_table(pa.Table.from_struct_array(pa.array(records)), str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def parquet_and_jsonl_records(fmt):
+    """chat: every schema of CHAT_CASES mixed in one file (so each Parquet row has nulls in the other schemas'
+    columns), numbered so the records differ; text: Shakespeare paragraphs in a "body" field."""
+    if fmt == "chat":
+        records = []
+        for i in range(12):
+            for record, _ in CHAT_CASES.values():
+                rec = json.loads(json.dumps(record).replace("?", f" #{i}?"))
+                records.append(rec)
+        return records
+    with open(SHAKESPEARE) as f:
+        paragraphs = [p for p in f.read()[:60_000].split("\n\n") if p.strip()]
+    return [{"id": i, "body": p} for i, p in enumerate(paragraphs)]
+
+
+def dataset_files(out):
+    """{relative path: bytes} of a dataset folder, dataset_metadata.json without what names the inputs."""
+    files = {}
+    for path in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            files[os.path.relpath(path, out)] = open(path, "rb").read()
+    meta = json.loads(files.pop("dataset_metadata.json"))
+    for key in ("input_files", "created"):
+        meta.pop(key)
+    for key in ("input_files", "out_dir"):
+        meta["args"].pop(key)
+    return files, meta
+
+
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_parquet_gives_the_bytes_jsonl_gives(tmp_path, fmt):
+    records = parquet_and_jsonl_records(fmt)
+    src_jsonl = write_jsonl(tmp_path / "set.jsonl", records)
+    src_parquet = write_parquet(tmp_path / "set.parquet", records)
+    field = [] if fmt == "chat" else ["--text_field", "body"]
+    outs = []
+    for src in (src_jsonl, src_parquet):  # block_bytes small: JSONL and Parquet chunks end at different records
+        out = str(tmp_path / f"ds_{os.path.basename(src)}")
+        meta = prepare([src], out, "gpt2", fmt, val_fraction=0.2, block_bytes=3000,
+                       text_field="body" if fmt == "text" else "text")
+        outs.append(dataset_files(out))
+    assert outs[0] == outs[1]
+    doc_key = "conversations" if fmt == "chat" else "documents"
+    assert meta[doc_key] == len(records) and meta["splits"]["val"][doc_key] > 0 and meta["skipped"] == {}
+    # the command line, reading both at once (and two workers)
+    r = run_cli("--input_files", src_parquet, src_jsonl, "--out_dir", str(tmp_path / "both"), "--format", fmt,
+                "--num_workers", "2", *field)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "both" / "dataset_metadata.json").read_text())[doc_key] == 2 * len(records)
+
+
+def test_parquet_is_read_a_row_group_at_a_time(tmp_path):
+    records = parquet_and_jsonl_records("text")
+    src = write_parquet(tmp_path / "set.parquet", records, row_group_size=50)
+    opts = {"format": "text", "text_field": "body", "chat_schema": "auto"}
+    chunks = list(prepare_dataset.iter_chunks([(src, "parquet")], 0.1, block_bytes=4000, opts=opts))
+    assert len(chunks) > len(records) // 50  # several chunks per row group, never the whole file at once
+    rows = [where for chunk in chunks for where, _ in chunk["items"]]
+    assert rows == [f"{src}: row {i + 1}" for i in range(len(records))]
+    assert [rec["body"] for chunk in chunks for _, rec in chunk["items"]] == [r["body"] for r in records]
+    assert all(len(chunk["items"]) < 50 for chunk in chunks)
+    assert abs(sum(c["nbytes"] for c in chunks) - os.path.getsize(src)) < len(chunks)
+
+
+@pytest.mark.parametrize("case", ["no_column", "no_chat_column", "not_parquet", "truncated"])
+def test_bad_parquet_is_one_line_and_writes_nothing(tmp_path, case):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
+    fmt = "text"
+    if case == "no_column":
+        src = write_parquet(tmp_path / "set.parquet", [{"body": "a", "id": 1}])
+        expect = "set.parquet: no column 'text' (columns: body, id); pass --text_field NAME"
+    elif case == "no_chat_column":
+        src, fmt = write_parquet(tmp_path / "set.parquet", [{"question": "a", "answer": "b"}]), "chat"
+        good = write_jsonl(tmp_path / "good.jsonl", [CHAT_CASES["openai"][0]])
+        expect = "set.parquet: no chat column (columns: question, answer)"
+    elif case == "not_parquet":
+        src = write_jsonl(tmp_path / "set.parquet", [{"text": "a"}])
+        expect = "set.parquet: not a Parquet file"
+    else:
+        whole = open(write_parquet(tmp_path / "whole.parquet", [{"text": "a"}] * 50), "rb").read()
+        src = str(tmp_path / "set.parquet")
+        open(src, "wb").write(whole[:len(whole) // 2])
+        expect = "set.parquet: not a Parquet file"
+    out = _existing_dataset(tmp_path)
+    r = run_cli("--input_files", good, src, "--out_dir", str(out), "--tokenization", "char", "--format", fmt)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr, r.stderr
+    _untouched(out)
+    with pytest.raises(ValueError) as e:
+        prepare([good, src], str(tmp_path / "new"), "char", fmt)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    assert not glob.glob(str(tmp_path / "new*"))

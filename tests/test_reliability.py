@@ -188,3 +188,17 @@ def test_bad_bos_factor_on_the_command_line(tmp_path, shakespeare_char):
     r = subprocess.run(train_cmd(shakespeare_char, str(tmp_path / "ck"), "b", "--use_bos_zero_training", "true",
                                  "--bos_scaling_factor", "-0.5"), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and "bos_scaling_factor" in r.stderr and "[0, 1]" in r.stderr
+
+
+def test_checkpoint_format_version_is_checked_on_load(tmp_path):
+    """Every writer goes through checkpoint.make_checkpoint, which stamps the format; a file of a newer format is
+    refused with one line, and a file from before the version was written (none) loads as format 1."""
+    from checkpoint import CKPT_FORMAT, atomic_save, make_checkpoint
+    ck = make_checkpoint({"w": torch.zeros(2)}, {"n_layer": 1}, {}, {"kind": "char"}, iter_num=3)
+    assert ck["format_version"] == CKPT_FORMAT and ck["iter_num"] == 3 and ck["lora"] is None
+    path = str(tmp_path / "ckpt.pt")
+    atomic_save({**ck, "format_version": CKPT_FORMAT + 1}, path)
+    with pytest.raises(CheckpointError, match=f"format {CKPT_FORMAT + 1} is newer than this code reads"):
+        load_checkpoint(path)
+    atomic_save({k: v for k, v in ck.items() if k != "format_version"}, path)
+    assert load_checkpoint(path)["iter_num"] == 3

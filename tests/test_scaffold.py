@@ -1,22 +1,30 @@
 """scaffold.py: the fuser and fused model on small random GPTs saved as real checkpoints (tmp_path) — weight 0 is
 the base exactly, a scaffold of another width works, padding is masked, the KV cache agrees with full recompute,
-training leaves the base bit-for-bit unchanged and its save reloads, the repetition guard, bad input, the CLI."""
+training leaves the base bit-for-bit unchanged and its save reloads (today's layout and the old one), the repetition
+guard, bad input, the CLI; the training loop: an interrupted and resumed run equals a straight one bit for bit,
+non-finite steps are skipped and counted, SIGTERM saves the training state and exits cleanly."""
 
 import io
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import scaffold
 from checkpoint import atomic_save, load_checkpoint
-from conftest import make_hf_gpt2, run_cli
+from conftest import ROOT, make_hf_gpt2, run_cli
+from checkpoint import CheckpointError
 from config import ConfigError
+from errors import MissingFileError
 from data import DataError
 from model import GPT, GPTConfig
+from runtime import read_metrics
 from tokenizer import Tokenizer
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -206,6 +214,16 @@ def test_training_keeps_the_base_bit_for_bit_and_the_save_reloads(tmp_path, mode
     text = scaffold.answer(fused, base_tok, scaffold_tok, {"prompt": "abc=", "turns": None, "completion": ""},
                            max_new_tokens=5, scaffold_weight=0.7)
     assert isinstance(text, str) and len(text) <= 5
+    # the one checkpoint layout (checkpoint.make_checkpoint) plus the scaffold's keys; no training state in the best
+    assert ckpt["format_version"] == 1 and ckpt["iter_num"] == ckpt["step"]
+    assert ckpt["best_val_loss"] == ckpt["val_loss"]
+    assert ckpt["kind"] == "scaffold" and "scaffold_tokenizer" in ckpt and "optimizer" not in ckpt
+    # a scaffold.pt in the layout written before make_checkpoint (no iter_num / best_val_loss) still loads
+    legacy = {k: v for k, v in ckpt.items() if k not in ("iter_num", "best_val_loss")}
+    atomic_save(legacy, os.path.join(models, "legacy", "scaffold.pt"))
+    old, _, _, _ = scaffold.load_fused("legacy", models)
+    assert torch.equal(old(X, old.encode_scaffold(S, SM), weight=0.8)[0],
+                       fused(X, fused.encode_scaffold(S, SM), weight=0.8)[0])
     # train_fuser false: a run that starts from these fusers trains only the scaffold's adapters
     cfg2 = make_cfg(tmp_path, models, model_name="adapters_only", init_from="fused", train_fuser=False,
                     learning_rate=3e-3, num_samples=0)
@@ -282,6 +300,19 @@ def test_chat_records_mask_only_the_reply(tmp_path):
         assert sids == ids[:len(sids)] and len(sids) == mask.index(1)  # the scaffold reads exactly the prompt
 
 
+def test_every_chat_schema_is_a_chat_record_and_prompt_completion_is_plain(tmp_path):
+    """scaffold.py reads chat records through prepare_dataset's table of schemas: ShareGPT and Alpaca records are
+    chat like OpenAI's; a prompt/completion pair stays plain text."""
+    records = [{"conversations": [{"from": "human", "value": "ab"}, {"from": "gpt", "value": "bc"}]},
+               {"instruction": "ab", "output": "bc"},
+               {"prompt": "ab=", "completion": "bc"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    sharegpt, alpaca, plain = scaffold.read_examples(str(path))
+    assert sharegpt["turns"] == alpaca["turns"] == [("user", "ab")] and sharegpt["completion"] == alpaca["completion"] == "bc"
+    assert plain["turns"] is None and plain["prompt"] == "ab="
+
+
 def test_hf_gpt2_directory_as_scaffold(tmp_path, models):
     make_hf_gpt2(tmp_path / "hf", vocab_size=64, n_positions=32, n_embd=24, n_layer=2, n_head=2)
     assert scaffold.is_hf_dir(str(tmp_path / "hf")) and not scaffold.is_hf_dir(os.path.join(models, "base"))
@@ -336,3 +367,140 @@ def test_default_lora_targets_adapt_every_linear_of_the_scaffold(tmp_path, model
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in fused.scaffold.named_parameters() if ".lora_A" in n}
     assert adapted == {f"transformer.h.{i}.{name}" for i in range(2)
                        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the training loop: resume, non-finite steps, signals
+
+def metric_rows(out, name):
+    """metrics.jsonl without the wall-clock times: what must be identical between two runs."""
+    with open(os.path.join(out, name, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in f]
+
+
+def sigterm_at(step):
+    """A log function that sends this process SIGTERM when the line of optimizer step `step` is logged."""
+    def log(line):
+        if f" step {step}/" in line:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return log
+
+
+def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, models):
+    """Stopped by SIGTERM mid-epoch and again at an epoch's end, resumed twice: per-step losses, val losses, the
+    final trainable weights and Adam's state are bit-identical to one uninterrupted run (CPU fp32). Dropout on,
+    gradient accumulation, a warmup, evaluations mid-epoch and sampling at temperature > 0 all take part."""
+    kw = dict(num_epochs=2, batch_size=4, gradient_accumulation_steps=2, warmup_ratio=0.2, fuser_dropout=0.1,
+              lora_dropout=0.1, eval_interval=4, patience=0, temperature=0.8, learning_rate=3e-3)
+    straight = scaffold.train(make_cfg(tmp_path, models, model_name="straight", **kw), log=lambda *a: None)
+    assert straight["steps"] == 12 and not straight["stopped_by_signal"]  # 43 records, 8 per step: 6 per epoch
+
+    first = scaffold.train(make_cfg(tmp_path, models, model_name="cut", **kw), log=sigterm_at(3))
+    assert first["stopped_by_signal"] and first["steps"] == 3 and first["val_loss_by_weight"] is None
+    state = load_checkpoint(first["state_path"])
+    assert state["iter_num"] == 3 and state["loader"]["epoch"] == 1 and state["loader"]["position"] == 6
+    lines = []
+    second = scaffold.train(make_cfg(tmp_path, models, model_name="cut", init_from="resume", **kw),
+                            log=lambda line: (lines.append(line), sigterm_at(6)(line)))
+    assert "resuming cut from step 3 (epoch 1, 6 micro-batches in)" in lines
+    assert second["stopped_by_signal"] and second["steps"] == 6  # the epoch's end: evaluated, then saved
+    loader = load_checkpoint(second["state_path"])["loader"]
+    assert loader["epoch"] == 2 and loader["position"] == 0  # and the order generator moved on to epoch 2's draw:
+    assert not torch.equal(loader["order_rng"], state["loader"]["order_rng"])
+    third = scaffold.train(make_cfg(tmp_path, models, model_name="cut", init_from="resume", **kw), log=lambda *a: None)
+    assert third["steps"] == 12 and third["epochs"] == 2 and not third["stopped_by_signal"]
+
+    assert metric_rows(models, "cut") == metric_rows(models, "straight")  # every step's loss and lr, every val loss
+    assert [r["iter"] for r in metric_rows(models, "cut") if "loss" in r] == list(range(1, 13))
+    a = load_checkpoint(os.path.join(models, "straight", "scaffold_ckpt.pt"))
+    b = load_checkpoint(os.path.join(models, "cut", "scaffold_ckpt.pt"))
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for s in a["optimizer"]["state"] for x, y in
+               zip(a["optimizer"]["state"][s].values(), b["optimizer"]["state"][s].values()))
+    assert third["best_val_loss"] == straight["best_val_loss"] and third["history"] == straight["history"]
+    best_a, best_b = straight["model"].trainable_state_dict(), third["model"].trainable_state_dict()
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    # a finished run resumed: nothing left to train, the same summary
+    again = scaffold.train(make_cfg(tmp_path, models, model_name="cut", init_from="resume", **kw), log=lambda *a: None)
+    assert again["steps"] == 12 and again["best_val_loss"] == straight["best_val_loss"]
+    # what a resume refuses: no saved state; a setting that changes the model or the batches
+    with pytest.raises(MissingFileError, match="no training state at .*nothing.*scaffold_ckpt.pt"):
+        scaffold.train(make_cfg(tmp_path, models, model_name="nothing", init_from="resume"), log=lambda *a: None)
+    with pytest.raises(CheckpointError, match="'batch_size' is 8 now but 4 in the saved run"):
+        scaffold.train(make_cfg(tmp_path, models, model_name="cut", init_from="resume", **{**kw, "batch_size": 8}),
+                       log=lambda *a: None)
+
+
+def poison_steps(monkeypatch, bad, snapshots):
+    """Make the training loss NaN (and so its gradient) at the given 1-based optimizer steps (one micro-batch per
+    step); record the trainable weights as each step starts."""
+    forward = scaffold.ScaffoldFusion.forward
+    calls = []
+
+    def poisoned(self, idx, context, targets=None, loss_mask=None, **kw):
+        logits, loss = forward(self, idx, context, targets, loss_mask, **kw)
+        if self.training and loss is not None:
+            calls.append(1)
+            snapshots.append({k: v.clone() for k, v in self.trainable_state_dict().items()})
+            if bad(len(calls)):
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(scaffold.ScaffoldFusion, "forward", poisoned)
+
+
+def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(tmp_path, models, monkeypatch, capsys):
+    snapshots, logs = [], []
+    poison_steps(monkeypatch, lambda step: step == 3, snapshots)
+    summary = scaffold.train(make_cfg(tmp_path, models, num_samples=0), log=logs.append)
+    assert "step 3: non-finite loss or gradient (nan); step skipped (1/5)" in logs
+    assert summary["steps"] == 6 and math.isfinite(summary["best_val_loss"])  # training went on after the skip
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(snapshots[2], snapshots[3])  # step 3 changed nothing: weights (and Adam's state) as they were
+    assert not same(snapshots[3], snapshots[4]) and not same(snapshots[1], snapshots[2])
+    assert {"iter": 3, "epoch": 1, "skipped": True} in metric_rows(models, "fused")
+    # max_bad_steps in a row: a one-line error, the best model and the training state are kept
+    snapshots.clear()
+    poison_steps(monkeypatch, lambda step: True, snapshots)
+    cfg_path = tmp_path / "nan.json"
+    cfg_path.write_text(json.dumps(dict(base_model="base", scaffold_model="scaf", out_dir=models, model_name="nan",
+                                        cross_attn_layers=[1, 3], train_file=write_toy(tmp_path / "toy.jsonl", 48),
+                                        batch_size=8, num_epochs=1, device="cpu", dtype="float32", num_samples=0,
+                                        max_bad_steps=3)))
+    with pytest.raises(scaffold.ScaffoldError, match=r"3 non-finite steps in a row at step 3 \(epoch 1\): lower lear"):
+        scaffold.train(scaffold.load_scaffold_config(str(cfg_path)), log=lambda *a: None)
+    with pytest.raises(SystemExit) as e:
+        scaffold.main(["train", "--config_file", str(cfg_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: 3 non-finite steps in a row") and len(err.splitlines()) == 1
+    assert not os.path.exists(os.path.join(models, "nan", "scaffold.pt"))  # stopped before any evaluation
+
+
+def test_sigterm_saves_the_training_state_and_resume_ends_like_a_straight_run(tmp_path, models):
+    """A real `scaffold.py train` process sent SIGTERM mid-run finishes its step, saves and exits with status 0;
+    `--init_from resume` then ends with the same per-step losses as an uninterrupted run."""
+    values = dict(base_model="base", scaffold_model="scaf", out_dir=models, model_name="term", cross_attn_layers=[1, 3],
+                  train_file=write_toy(tmp_path / "toy.jsonl", 48), batch_size=8, num_epochs=6, device="cpu",
+                  dtype="float32", num_samples=0, log_interval=1, patience=0, fuser_dropout=0.1)
+    cfg_path = tmp_path / "term.json"
+    cfg_path.write_text(json.dumps(values))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # one thread, as this process
+    proc = subprocess.Popen([sys.executable, "scaffold.py", "train", "--config_file", str(cfg_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(models, "term", "metrics.jsonl")
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:  # until the run has taken a few of its 36 steps
+        if os.path.exists(metrics) and sum("loss" in row for row in read_metrics(metrics)) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and stderr == "", stderr
+    assert "stopped by signal 15" in stdout and "go on with --init_from resume" in stdout
+    state = load_checkpoint(os.path.join(models, "term", "scaffold_ckpt.pt"))
+    assert 3 <= state["iter_num"] < 36 and "optimizer" in state
+    r = run_cli("scaffold.py", "train", "--config_file", str(cfg_path), "--init_from", "resume",
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"resuming term from step {state['iter_num']}" in r.stdout
+    scaffold.train(scaffold.load_scaffold_config(None, {**values, "model_name": "ref"}), log=lambda *a: None)
+    assert metric_rows(models, "term") == metric_rows(models, "ref")

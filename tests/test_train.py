@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from config import ConfigError, load_config
-from conftest import ROOT, SAMPLE_CHAT, run_cli
+from conftest import SAMPLE_CHAT, run_cli
 from data import BatchLoader, DataError
 from train import train
 
