@@ -25,7 +25,8 @@ one no implementation could meet.
 
 The references: transformers' GPT2LMHeadModel at the same shape (training step and generate), raw tiktoken
 encode_ordinary_batch over the same text (preparation), the batches per second training consumes (loader),
-GPT2LMHeadModel.from_pretrained on the same checkpoint (conversion), full fine-tuning (LoRA memory); for serve.py
+GPT2LMHeadModel.from_pretrained on the same checkpoint (conversion), full fine-tuning (LoRA memory), random
+windows of the same chat data (packing: real, non-pad tokens trained per second); for serve.py
 (a real server process, streaming HTTP clients): one client alone, and sample.py's path in this process.
 """
 
@@ -51,7 +52,7 @@ import torch  # noqa: E402
 
 from errors import GPTLabError, one_line_errors  # noqa: E402
 
-SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "sample", "serve", "lora_memory")
+SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing", "sample", "serve", "lora_memory")
 NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
 EXTRA_SECTIONS = ("compile_tiny", "train_gpu")  # opt-in: torch.compile on CPU (slow to compile), GPU only
 REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
@@ -341,6 +342,16 @@ class Workspace:
             self._cache["gpt2"] = out
         return self._cache["gpt2"]
 
+    def sample_chat(self, tokenization):
+        """The shipped sample conversations, prepared with this tokenizer (chat format: masks and starts)."""
+        if tokenization not in self._cache:
+            import prepare_dataset
+            out = os.path.join(self.tmp, f"sample_chat_{tokenization}")
+            prepare_dataset.prepare([os.path.join(ROOT, "data", "sample_chat.jsonl")], out, tokenization=tokenization,
+                                    fmt="chat")
+            self._cache[tokenization] = out
+        return self._cache[tokenization]
+
     def hf_checkpoint(self):
         """A random-weight GPT-2 124M saved with save_pretrained (real format; pretrained weights are not reachable
         here)."""
@@ -438,6 +449,59 @@ def section_train_124m(ws, args):
     rows = train_rows(res, what, 1.3)
     if not args.no_memory:
         rows += memory_rows(what, dict(shape="124m", vocab=50304, hf_vocab=50257), res)
+    return rows, res
+
+
+def packing_comparison(dataset_dir, shape, batch_size, block_size, repeats, inner):
+    """Chat SFT steps (masked loss, train.py's dtype auto) on packed rows and on random windows of the same data and
+    shape, interleaved. Tokens/s counts the tokens each trains on: every token of a window, the non-pad tokens of a
+    packed row (the epoch's fill, exact over an epoch: packed positions / (rows * block_size))."""
+    from data import BatchLoader, PackedLoader, read_metadata
+    from model import padded_vocab
+    from runtime import forward_backward
+    vocab = padded_vocab(int(read_metadata(dataset_dir)["vocab_size"]))
+    torch.manual_seed(0)
+    model = our_model(shape, vocab, block_size, bias=False)
+    opt = adamw(model)
+    dtype = auto_dtype()
+    args = dict(use_mask=True, model_vocab_size=vocab)
+    loaders = {"random windows": BatchLoader(dataset_dir, "train", batch_size, block_size, **args),
+               "packed": PackedLoader(dataset_dir, "train", batch_size, block_size, **args)}
+
+    def step(ld):
+        forward_backward(model, [ld.get_batch()], True, autocast(dtype))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    med, samples = interleaved({k: (lambda ld=ld: step(ld)) for k, ld in loaders.items()}, repeats, inner)
+    packed = loaders["packed"]
+    fill = float(packed.n.sum()) / (packed.rows_per_epoch * block_size)
+    tokens = {"random windows": batch_size * block_size, "packed": fill * batch_size * block_size}
+    tps = {k: tokens[k] / v for k, v in med.items()}
+    per_cpu_s = {k: tokens[k] * r for k, r in cpu_rates(samples, 1).items()}
+    return {"dtype": dtype, "fill": fill, "tokens_per_s": tps, "tokens_per_cpu_s": per_cpu_s, "samples": samples,
+            "summary": packed.summary(), "ratio": tps["packed"] / tps["random windows"],
+            "cpu_ratio": per_cpu_s["packed"] / per_cpu_s["random windows"],
+            "per_repeat": [fill * w / p for p, w in zip(samples["packed"]["wall"], samples["random windows"]["wall"])]}
+
+
+def section_packing(ws, args):
+    """Packed whole conversations (block-diagonal attention, positions restarting) against random windows, at the
+    tiny shape (char tokens) and at 124M (GPT-2 tokens), trained tokens per second."""
+    rows, res = [], {}
+    for name, shape, tokenization, B, T in (("tiny 4x128, block 64, batch 12", TINY, "char", 12, 64),
+                                            ("124M 12x768, batch 4 x 256", GPT2_124M, "gpt2", 4, 256)):
+        tiny = shape is TINY
+        r = packing_comparison(ws.sample_chat(tokenization), shape, B, T, repeats=(5 if tiny else 3) if args.quick
+                               else (9 if tiny else 5), inner=(10 if args.quick else 20) if tiny else 1)
+        res[name] = r
+        tps = r["tokens_per_s"]
+        rows.append(row(f"packing, {name} (CPU, {r['dtype']}, chat SFT, {100 * r['fill']:.1f}% of positions filled): "
+                        f"trained tokens/s", fmt_tps(tps["packed"]), fmt_tps(tps["random windows"]) + " (random windows)",
+                        f"{r['ratio']:.2f}x", ">= 0.9x", r["ratio"] >= 0.9,
+                        f"{r['cpu_ratio']:.2f}x in CPU time, per repeat {min(r['per_repeat']):.2f}x-"
+                        f"{max(r['per_repeat']):.2f}x"))
+    res["tokens_per_s"] = {f"{n} {k}": v for n, r in list(res.items()) for k, v in r["tokens_per_s"].items()}
     return rows, res
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
     use_loss_mask: bool = False  # chat SFT: only mask-1 targets (the assistant's tokens) count in the loss
+    packing: bool = False  # rows of whole conversations (best-fit packed, each attending only to itself); else random windows
     # --- optimizer and schedule (AdamW, linear warmup, cosine decay to min_lr) ---
     max_iters: int = 2000
     learning_rate: float = 1e-3

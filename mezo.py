@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from errors import InputError
+from model import packed_inputs
 
 CHUNK = 1 << 21  # elements per slice of a parameter in each pass: 8 MiB fp32 buffers, few enough op launches
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer view of a float
@@ -141,15 +142,16 @@ def _loss(model, batch, use_loss_mask):
     """(sum of per-target losses, number of counted targets) on the batch, as floats."""
     X, Y = batch[0], batch[1]
     M = batch[2] if use_loss_mask else None
-    _, loss_sum = model(X, Y, M, loss_reduction="sum")
-    count = M.sum() if M is not None else torch.tensor(Y.numel())
+    _, loss_sum = model(X, Y, M, loss_reduction="sum", **packed_inputs(batch))
+    count = M.sum() if M is not None else (Y != -1).sum()  # padding of packed rows has target -1
     return torch.stack([loss_sum.detach().float(), count.float().to(loss_sum.device)])
 
 
 @torch.no_grad()
 def zo_step(model, batch, lr, eps, weight_decay=0.0, seed=0, use_loss_mask=False):
-    """One MeZO step on `batch` ((X, Y) or (X, Y, M)). Returns the loss (mean of loss+ and loss-, an estimate of
-    the loss at p) as a float; a non-finite loss leaves the parameters exactly as they were (no update).
+    """One MeZO step on `batch` ((X, Y), (X, Y, M), or data.PackedLoader's (X, Y, M, P, D)). Returns the loss (mean
+    of loss+ and loss-, an estimate of the loss at p) as a float; a non-finite loss leaves the parameters exactly
+    as they were (no update).
     Under torch.distributed every rank uses the same seed (so the same z) and the losses are summed over ranks
     before the update, so all ranks take the same step and stay identical."""
     if eps <= 0:

@@ -7,6 +7,9 @@ Face checkpoint is a plain key map (convert_hf.py). Two flags live on the model 
   bos_scaling_factor, in training, evaluation and generation alike (the KV cache never rescales a new token);
 - the explicit attention path (attn_out=[]): attention weights are computed by hand and handed back, because the
   fused SDPA kernel returns none. Used by evaluate.py --attention; training always takes the fused kernel.
+Packed rows (data.PackedLoader): forward also takes position_ids, which restart at 0 for every conversation, and
+doc_ids, from which one DocumentMask (block-diagonal causal) is built per forward and shared by every layer; a
+conversation in a packed row then computes exactly what it computes alone. BOS zero scales every position 0.
 """
 
 import math
@@ -15,6 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+try:  # FlexAttention (torch >= 2.5): on CUDA under torch.compile it skips the blocks a packed row's mask rules out
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
 
 from errors import InputError
 
@@ -66,6 +74,42 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
 
 
+class DocumentMask:
+    """The attention mask of packed rows: query i sees key j iff j <= i and both belong to the same document
+    (doc_ids (B, T); padding has its own id). Built once per forward and shared by every layer: `allowed` (B, 1, T, T)
+    for SDPA; the additive form (-inf where not allowed) for the explicit path, made once per dtype. On CUDA under
+    torch.compile with FlexAttention available, a BlockMask too, so the kernel skips whole masked blocks (not
+    testable on a CPU-only machine; the SDPA path is the fallback and the reference)."""
+
+    def __init__(self, doc_ids):
+        T = doc_ids.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+        self.allowed = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+        self._additive = {}
+        self.block_mask = None
+        if doc_ids.is_cuda and flex_attention is not None and torch.compiler.is_compiling():
+            self.block_mask = _flex_block_mask(doc_ids)
+
+    def additive(self, dtype):
+        if dtype not in self._additive:
+            zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            self._additive[dtype] = zeros.masked_fill_(~self.allowed, float("-inf"))  # (B, 1, T, T)
+        return self._additive[dtype]
+
+    def attend(self, q, k, v, dropout_p):
+        if self.block_mask is not None and dropout_p == 0.0:  # FlexAttention has no dropout
+            return flex_attention(q, k, v, block_mask=self.block_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, dropout_p=dropout_p)
+
+
+@torch.compiler.disable  # built eagerly, outside the compiled graph, as torch's FlexAttention examples do
+def _flex_block_mask(doc_ids):
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+    B, T = doc_ids.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -78,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x, kv_cache=None, layer=0, attn_out=None):
+    def forward(self, x, kv_cache=None, layer=0, attn_out=None, doc_mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -96,7 +140,10 @@ class CausalSelfAttention(nn.Module):
         if attn_out is not None or cpu_bf16:
             # explicit path: the same causal attention, written out (and so its weights can be returned); the scale
             # goes on q (fewer elements than att) and the mask is added (-inf above the diagonal): fewer passes
-            future = torch.full((T, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(Tk - T + 1)  # (T, Tk)
+            if doc_mask is not None:
+                future = doc_mask.additive(q.dtype)  # (B, 1, T, T): also -inf across documents
+            else:
+                future = torch.full((T, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(Tk - T + 1)  # (T, Tk)
             att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1) + future  # (B, nh, T, Tk)
             if rows_mask is not None:
                 att = att.masked_fill(~rows_mask, float("-inf"))
@@ -106,7 +153,9 @@ class CausalSelfAttention(nn.Module):
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         else:
             dropout_p = self.dropout if self.training else 0.0
-            if rows_mask is not None:  # one new token per row, rows of different lengths (engine.py)
+            if doc_mask is not None:  # packed rows: block-diagonal causal
+                y = doc_mask.attend(q, k, v, dropout_p)
+            elif rows_mask is not None:  # one new token per row, rows of different lengths (engine.py)
                 assert T == 1, "a per-row key mask is for one-token decode steps"
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, dropout_p=dropout_p)
             elif Tk == T:  # whole sequence at once: training, evaluation, prefill
@@ -140,8 +189,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0, attn_out=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, attn_out)
+    def forward(self, x, kv_cache=None, layer=0, attn_out=None, doc_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, attn_out, doc_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -222,6 +271,12 @@ def scale_first_position(x, factor):
     return x * scale  # (B, T, C)
 
 
+def packed_inputs(batch):
+    """What GPT.forward takes from a batch beyond (X, Y, M): the position and document ids of a packed batch
+    (data.PackedLoader's (X, Y, M, P, D)); {} for a batch of random windows."""
+    return {"position_ids": batch[3], "doc_ids": batch[4]} if len(batch) == 5 else {}
+
+
 def padded_vocab(n):
     return ((n + 63) // 64) * 64  # a multiple of 64 makes the embedding/lm_head matmuls faster
 
@@ -261,11 +316,14 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
         return n
 
-    def embed(self, idx, start_pos=0):
+    def embed(self, idx, start_pos=0, position_ids=None):
         """Token + position embedding of (B, T) ids starting at absolute position start_pos -> (B, T, C).
-        start_pos is an int, or a (B,) tensor: each row's own start (engine.py's rows of different lengths)."""
+        start_pos is an int, or a (B,) tensor: each row's own start (engine.py's rows of different lengths).
+        position_ids (B, T): a position per token (data.PackedLoader's rows, restarting at 0 per conversation)."""
         if torch.is_tensor(start_pos):
-            return self._embed_rows(idx, start_pos)
+            position_ids = start_pos[:, None] + torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (B, T)
+        if position_ids is not None:
+            return self._embed_positions(idx, position_ids)
         T = idx.size(1)
         if start_pos + T > self.config.block_size:
             raise InputError(f"sequence of {start_pos + T} tokens is longer than the model's block_size "
@@ -276,10 +334,10 @@ class GPT(nn.Module):
             x = scale_first_position(x, self.config.bos_scaling_factor)  # only ever absolute position 0
         return self.transformer.drop(x)
 
-    def _embed_rows(self, idx, start_pos):
-        """embed() with a start position per row: (B, T) ids, (B,) starts. The caller keeps every row inside
-        block_size (checking here would cost a device sync per decode step)."""
-        pos = start_pos[:, None] + torch.arange(idx.size(1), dtype=torch.long, device=idx.device)  # (B, T)
+    def _embed_positions(self, idx, pos):
+        """embed() with a position per token: (B, T) ids and positions; BOS zero scales every position 0 (each row's
+        or each packed conversation's BOS). The caller keeps positions inside block_size (checking here would cost
+        a device sync per decode step)."""
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         if self.config.use_bos_zero_training:  # the same product as scale_first_position, row by row
             scale = torch.where(pos == 0, self.config.bos_scaling_factor, 1.0).to(x.dtype)  # (B, T)
@@ -287,16 +345,20 @@ class GPT(nn.Module):
         return self.transformer.drop(x)
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, attn_out=None, last_only=False,
-                loss_reduction="mean", loss_only=False):
+                loss_reduction="mean", loss_only=False, position_ids=None, doc_ids=None):
         """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only (generation).
         loss is None without targets; with loss_mask (B, T) only mask-1 targets count. loss_only (training, with
         targets): logits None, the loss through ChunkedCrossEntropy, which never holds the whole logits.
         kv_cache: a KVCache to read from and extend. attn_out: a list that receives each layer's (B, nh, T, Tk)
-        attention weights through the explicit path."""
+        attention weights through the explicit path. position_ids, doc_ids (B, T): a packed row (data.PackedLoader):
+        positions restarting at 0 per conversation, and which conversation each token belongs to."""
+        if (position_ids is None) != (doc_ids is None) or (doc_ids is not None and kv_cache is not None):
+            raise ValueError("packed rows need both position_ids and doc_ids, and no kv_cache")
         start = kv_cache.pos if kv_cache is not None else 0
-        x = self.embed(idx, start)
+        x = self.embed(idx, start, position_ids)
+        doc_mask = DocumentMask(doc_ids) if doc_ids is not None else None  # once per batch, not per layer
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i, attn_out)
+            x = block(x, kv_cache, i, attn_out, doc_mask)
         if kv_cache is not None:
             kv_cache.pos += idx.size(1)
         x = self.transformer.ln_f(x)

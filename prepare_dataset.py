@@ -9,6 +9,8 @@ Dataset preparation: text or chat files -> token shards (+ loss masks) + metadat
 Output (read by data.py):
     D/train/shard_00000.bin ...       raw token ids, no header; uint16 when vocab_size <= 65536, else uint32
     D/train/shard_00000_mask.bin ...  chat only: uint8 0/1 per token, 1 = the token is trained on
+    D/train/starts.bin                uint64 offset of every conversation / document in the split's token stream
+                                      (its BOS: the end-of-text token before it), for packed training (data.py)
     D/val/...                         the same for the validation split
     D/tokenizer_state.json            the tokenizer (tokenizer.py), so training and sampling decode alike
     D/dataset_metadata.json           token counts, shards, dtype, skipped records, the arguments (see prepare())
@@ -552,19 +554,30 @@ def run_chunks(fn, chunks, tok_state, opts, num_workers):
 
 class ShardWriter:
     """Appends tokens (and their mask) to split_dir/shard_NNNNN.bin (+ _mask.bin), starting a new shard every
-    tokens_per_shard tokens. bos_token: written once before the first record (chat data)."""
+    tokens_per_shard tokens. bos_token: written once before the first record (chat data).
+    Also writes split_dir/starts.bin: where each record (conversation or document) begins in the split's token
+    stream (the shards back to back), as uint64 offsets; see record_starts below."""
 
     def __init__(self, split_dir, dtype, tokens_per_shard, has_mask, bos_token=None):
         self.split_dir, self.dtype, self.tokens_per_shard = split_dir, dtype, tokens_per_shard
         self.has_mask, self.bos_token = has_mask, bos_token
         self.shards, self.tokens, self.mask_tokens, self.docs = [], 0, 0, 0
         self._files, self._room = [], 0
+        self._starts_file, self._last_end = None, None
 
-    def write(self, tokens, mask=None, docs=0):
+    def write(self, tokens, mask=None, docs=0, lengths=None):
+        """lengths: the token count of each whole record in `tokens`; None: `tokens` is a block of one document,
+        which ends with this block when docs is 1."""
         self.docs += docs
+        offset = self.tokens  # where `tokens` begins in the split's stream
         if self.tokens == 0 and self.bos_token is not None and len(tokens):
             tokens = np.concatenate([np.array([self.bos_token], dtype=self.dtype), tokens])
             mask = np.concatenate([np.zeros(1, dtype=np.uint8), mask])
+            offset += 1
+        if lengths is not None:
+            self.record_ends(offset + np.cumsum(lengths) - 1)
+        elif docs:
+            self.record_ends(np.array([offset + len(tokens) - 1]))
         self.tokens += len(tokens)
         if self.has_mask:
             self.mask_tokens += int(np.count_nonzero(mask))
@@ -580,8 +593,21 @@ class ShardWriter:
             self.shards[-1]["tokens"] += n
             self._room -= n
 
+    def record_ends(self, ends):
+        """Every record ends with the end-of-text token, which is also the BOS of the record after it. So record i
+        starts at the end of record i-1 (its BOS), and record 0 at offset 0 (chat: the split's leading BOS; text:
+        the first document's first token, the only record without a BOS). A record's tokens run from its start up
+        to and including the next start (or the split's last token). Streamed: the newest end is held back, as it
+        becomes a start only if another record follows."""
+        if self._starts_file is None:
+            os.makedirs(self.split_dir, exist_ok=True)
+            self._starts_file = open(os.path.join(self.split_dir, "starts.bin"), "wb")
+            self._last_end = 0
+        np.concatenate([[self._last_end], ends[:-1]]).astype(np.uint64).tofile(self._starts_file)
+        self._last_end = int(ends[-1])
+
     def _next_shard(self):
-        self.close()
+        self._close_shard()
         name = f"shard_{len(self.shards):05d}"
         os.makedirs(self.split_dir, exist_ok=True)
         self._files = [open(os.path.join(self.split_dir, name + ".bin"), "wb")]
@@ -590,10 +616,15 @@ class ShardWriter:
         self.shards.append({"file": name + ".bin", "tokens": 0})
         self._room = self.tokens_per_shard
 
-    def close(self):
+    def _close_shard(self):
         for f in self._files:
             f.close()
         self._files = []
+
+    def close(self):
+        self._close_shard()
+        if self._starts_file is not None:
+            self._starts_file.close()
 
 
 def _write_records(result, to_val, writers):
@@ -603,7 +634,8 @@ def _write_records(result, to_val, writers):
     for split, sel in (("train", ~per_token), ("val", per_token)):
         n_docs = int(np.count_nonzero(to_val if split == "val" else ~to_val))
         if n_docs:
-            writers[split].write(tokens[sel], None if mask is None else mask[sel], docs=n_docs)
+            lengths = result["lengths"][to_val if split == "val" else ~to_val]
+            writers[split].write(tokens[sel], None if mask is None else mask[sel], docs=n_docs, lengths=lengths)
 
 
 def _swap_in(tmp, out_dir):
@@ -805,8 +837,9 @@ def metadata(tok, fmt, tokenization, writers, skipped, files, args):
         if fmt == "chat":
             splits[split]["mask_tokens"] = w.mask_tokens
         splits[split][doc_key] = w.docs
+        splits[split]["starts"] = {"file": "starts.bin", "dtype": "uint64", "count": w.docs}  # packing: data.py
     meta = {"format": fmt, "tokenization": tokenization, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token,
-            "token_dtype": np.dtype(token_dtype(tok.vocab_size)).name, "has_mask": fmt == "chat", "splits": splits}
+            "token_dtype": np.dtype(token_dtype(tok.vocab_size)).name, "has_mask": fmt == "chat", "has_starts": True, "splits": splits}
     if fmt == "chat":
         total = sum(w.tokens for w in writers.values())
         meta["mask_fraction"] = sum(w.mask_tokens for w in writers.values()) / max(total, 1)

@@ -175,10 +175,12 @@ def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=No
             with ctx:
                 # loss_only: the (B, T, V) logits are never built whole (model.ChunkedCrossEntropy), the largest
                 # memory saving of a GPT-2 step
+                # a packed batch (data.PackedLoader) also carries position and document ids (model.packed_inputs)
+                packed = {"position_ids": batch[3], "doc_ids": batch[4]} if len(batch) == 5 else {}
                 _, loss_sum = model(batch[0], batch[1], batch[2] if use_loss_mask else None, loss_reduction="sum",
-                                    loss_only=True)
+                                    loss_only=True, **packed)
             (scaler.scale(loss_sum) if scaler is not None else loss_sum).backward()
-        count_total = count_total + (batch[2].sum().float() if use_loss_mask else float(batch[1].numel()))
+        count_total = count_total + (batch[2].sum().float() if use_loss_mask else (batch[1] != -1).sum().float())
         loss_sum_total = loss_sum_total + loss_sum.detach().float()
         batch = following
     device = next(model.parameters()).device

@@ -34,10 +34,10 @@ import mezo
 import xgblora
 from checkpoint import atomic_save, build_model, find_checkpoint, load_checkpoint, make_checkpoint, model_dir
 from config import ConfigError, config_dict, load_config, parse_cli
-from data import BatchLoader, DataError, read_metadata
+from data import BatchLoader, DataError, PackedLoader, read_metadata
 from errors import GPTLabError, one_line_errors
 from hf import load_hf_gpt2
-from model import GPT, GPTConfig, padded_vocab
+from model import GPT, GPTConfig, packed_inputs, padded_vocab
 from runtime import (MetricsLog, autocast_context, forward_backward, fmt_time, full_model_state, get_lr,
                      keep_freed_memory, load_optimizer_state, optimizer_state, pick_dtype, setup_distributed,
                      shard_model, stop_signals)
@@ -46,7 +46,7 @@ from tokenizer import Tokenizer
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_chat")
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
 RESUME_KEYS = ARCH_KEYS + ("block_size", "finetuning_type", "lora_rank", "lora_target", "trainer",
-                           "use_bos_zero_training", "bos_scaling_factor", "init_from_model")
+                           "use_bos_zero_training", "bos_scaling_factor", "init_from_model", "packing")
 
 
 class TrainError(GPTLabError, RuntimeError):
@@ -151,7 +151,8 @@ def resolve_dataset(cfg, log):
     """The dataset folder; with none given, the project's shipped sample conversations (prepared on first use)."""
     if cfg.dataset_dir:
         return cfg.dataset_dir
-    if not os.path.exists(os.path.join(SAMPLE_DATASET, "dataset_metadata.json")):
+    meta_path = os.path.join(SAMPLE_DATASET, "dataset_metadata.json")  # prepared again if made before starts.bin
+    if not os.path.exists(meta_path) or (cfg.packing and not read_metadata(SAMPLE_DATASET).get("has_starts")):
         import prepare_dataset
         log(f"no --dataset_dir: preparing the shipped sample conversations into {SAMPLE_DATASET}")
         prepare_dataset.prepare([SAMPLE_DATASET + ".jsonl"], SAMPLE_DATASET, tokenization="char", fmt="chat")
@@ -388,13 +389,16 @@ def setup_training(run, ckpt):
     run.loader_args = dict(batch_size=cfg.batch_size, block_size=cfg.block_size, device=run.device,
                            use_mask=cfg.use_loss_mask, prepend_bos=cfg.use_bos_zero_training,
                            bos_token=run.tok.eot_token, model_vocab_size=model.config.vocab_size)
-    run.train_loader = BatchLoader(run.dataset_dir, "train", seed=cfg.seed, rank=run.rank, **run.loader_args)
+    run.train_loader = make_loader(run, "train", cfg.seed, cfg.gradient_accumulation_steps)
     if cfg.use_loss_mask and run.train_loader.data.mask_tokens == 0:
         raise DataError(f"{run.dataset_dir}: the train split's loss masks hold no 1 (mask_fraction "
                         f"{meta.get('mask_fraction', 0.0):.3f}): there is no target to train on; prepare it again with "
                         f"the role you want to train (--mask_role, e.g. assistant), or set use_loss_mask false")
     run.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * run.world
     run.steps_per_epoch = max(1, math.ceil(run.train_loader.data.num_tokens / run.tokens_per_step))
+    if cfg.packing:  # a real pass over every conversation; XGBLoRA's epoch merges count these
+        run.steps_per_epoch = run.train_loader.steps_per_epoch
+        run.log(run.train_loader.summary())
     run.log(f"data: {run.dataset_dir} ({meta.get('tokenization')}, train {run.train_loader.data.num_tokens:,} tokens); "
             f"{run.tokens_per_step:,} tokens per step, {run.steps_per_epoch} steps per epoch; dtype {run.dtype} on "
             f"{run.device}")
@@ -405,6 +409,15 @@ def setup_training(run, ckpt):
     if ckpt is not None:
         restore_training_state(run, ckpt)
     run.model = wrap(model, run)
+
+
+def make_loader(run, split, seed, accum=1):
+    """Random windows, or with packing rows of whole conversations (the same plan on every rank, each taking its
+    own rows; a packed row starts at a BOS, so nothing is prepended)."""
+    if run.cfg.packing:
+        args = {k: v for k, v in run.loader_args.items() if k != "prepend_bos"}
+        return PackedLoader(run.dataset_dir, split, seed=seed, rank=run.rank, world=run.world, accum=accum, **args)
+    return BatchLoader(run.dataset_dir, split, seed=seed, rank=run.rank, **run.loader_args)
 
 
 def restore_training_state(run, ckpt):
@@ -484,13 +497,14 @@ def evaluate(run):
     out = {}
     model.eval()
     for split in ("train", "val"):
-        loader = BatchLoader(run.dataset_dir, split, seed=cfg.seed + 999, rank=run.rank, **run.loader_args)
+        loader = make_loader(run, split, cfg.seed + 999)
         total = torch.zeros(2, device=run.device)
         for _ in range(cfg.eval_iters):
-            x, y, *m = loader.get_batch()
+            batch = loader.get_batch()
+            x, y, m = batch[0], batch[1], batch[2] if cfg.use_loss_mask else None
             with run.ctx:
-                _, loss_sum = model(x, y, m[0] if cfg.use_loss_mask else None, loss_reduction="sum")
-            count = m[0].sum() if cfg.use_loss_mask else torch.tensor(y.numel())
+                _, loss_sum = model(x, y, m, loss_reduction="sum", **packed_inputs(batch))
+            count = m.sum() if m is not None else (y != -1).sum()  # padding of packed rows has target -1
             total += torch.stack([loss_sum.float(), count.float().to(run.device)])
         if run.ddp:
             dist.all_reduce(total)

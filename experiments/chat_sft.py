@@ -13,6 +13,11 @@ real chats. The answers do not depend on it, so it is the prompt-heavy case: mos
 unmasked run spends most of its training signal modelling them. Train and val conversations draw their passages from
 the first 90% of the file, the held-out questions from the last 10%.
 
+--packed adds a third run: masked, with packing true (rows of whole conversations, each attending only to itself,
+positions restarting at its BOS), at the same optimizer steps and rows x block_size per step as the random-window
+runs. Every run is then also scored on the val conversations whole (each once, from its BOS), besides the
+random val windows.
+
 --pretrain_iters N first pretrains a base model on that prose (the same first 90%, the chat data's character
 vocabulary) for N steps, then runs both SFT runs from it with --init_from_model: the two-phase case, where the base
 already models text and SFT only has to teach the answers.
@@ -36,10 +41,11 @@ import torch  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
 from config import load_config  # noqa: E402
-from data import BatchLoader  # noqa: E402
+from data import BatchLoader, PackedLoader  # noqa: E402
+from model import packed_inputs  # noqa: E402
 from sample import Sampler  # noqa: E402
 from tokenizer import EOT_TEXT, ROLE_MARKERS, Tokenizer, chat_prompt  # noqa: E402
-from train import SAMPLE_DATASET, train  # noqa: E402
+from train import SAMPLE_DATASET, resolve_dataset, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = os.path.join(ROOT, "data", "sample_chat_heldout.jsonl")
@@ -125,6 +131,20 @@ def assistant_val_loss(model, dataset_dir, block_size, batches=40):
     return total / count
 
 
+@torch.no_grad()
+def whole_conversation_val_loss(model, dataset_dir, block_size):
+    """Mean loss on mask-1 targets of every val conversation, each read whole from its BOS (packed rows: one
+    epoch of the packed val loader, so each conversation exactly once)."""
+    loader = PackedLoader(dataset_dir, "val", 16, block_size, use_mask=True, seed=4242)
+    total = count = 0.0
+    for _ in range(loader.steps_per_epoch):
+        batch = loader.get_batch()
+        _, loss_sum = model(batch[0], batch[1], batch[2], loss_reduction="sum", **packed_inputs(batch))
+        total += loss_sum.item()
+        count += batch[2].sum().item()
+    return total / count
+
+
 def question_ids(tok, rec):
     """A held-out record's turns before its last answer, and the ids that ask the model for that answer."""
     turns = [(m["role"], m["content"]) for m in rec["messages"][:-1]]
@@ -159,8 +179,8 @@ def past_end_of_turn(sampler, records, max_new_tokens=60):
     return out
 
 
-def run(name, use_loss_mask, args, dataset_dir, heldout, base=None):
-    overrides = {"model_name": name, "use_loss_mask": use_loss_mask, "out_dir": args.out_dir}
+def run(name, use_loss_mask, args, dataset_dir, heldout, base=None, packing=False):
+    overrides = {"model_name": name, "use_loss_mask": use_loss_mask, "out_dir": args.out_dir, "packing": packing}
     if base:
         overrides["init_from_model"] = base
     if dataset_dir:  # None: train.py's default, the shipped sample conversations (prepared on first use)
@@ -179,9 +199,15 @@ def run(name, use_loss_mask, args, dataset_dir, heldout, base=None):
         first_of.setdefault(rec.get("task"), rec)
     unstopped = past_end_of_turn(sampler, [first_of[t] for t in ("greet", "count", "repeat") if t in first_of])
     first_val = float(evals[0].split("val loss ")[1])
-    return {"name": name, "use_loss_mask": use_loss_mask, "first_val": first_val, "last_val": summary["val_loss"],
-            "assistant_val_loss": assistant_val_loss(model, dataset_dir or SAMPLE_DATASET, cfg.block_size), "exact": exact,
+    data = dataset_dir or SAMPLE_DATASET
+    return {"name": name, "use_loss_mask": use_loss_mask, "packing": packing, "first_val": first_val,
+            "last_val": summary["val_loss"], "assistant_val_loss": assistant_val_loss(model, data, cfg.block_size),
+            "whole_conversation_val_loss": whole_conversation_val_loss(model, data, cfg.block_size), "exact": exact,
             "ended": ended, "total": len(rows), "rows": rows, "not_stopped": unstopped}
+
+
+def label(r):
+    return ("masked" if r["use_loss_mask"] else "unmasked") + (", packed" if r["packing"] else "")
 
 
 def main():
@@ -194,6 +220,8 @@ def main():
     p.add_argument("--context_file", default=CONTEXT_FILE, help="where the passages (and pretraining text) come from")
     p.add_argument("--pretrain_iters", type=int, default=0,
                    help="pretrain a base model on the prose for this many steps first, and fine-tune from it")
+    p.add_argument("--packed", action="store_true",
+                   help="also a masked run with packing true (whole conversations per row), the same steps and shape")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     os.chdir(ROOT)
@@ -211,21 +239,26 @@ def main():
             print(f"base model '{base}': val loss {base_val:.4f} on the prose after {args.pretrain_iters} steps")
         names = (prefix, prefix + "_unmasked")
     else:
-        dataset_dir, heldout = None, read_records(HELDOUT)
+        # the shipped conversations, prepared (again, if made before conversation starts were recorded) as train.py does
+        dataset_dir = resolve_dataset(load_config("configs/tiny_sft.json", {"packing": True}), print)
+        heldout = read_records(HELDOUT)
         names = ("chat_tiny", "chat_tiny_unmasked")
     results = [run(names[0], True, args, dataset_dir, heldout, base)]
     if not args.skip_unmasked:
         results.append(run(names[1], False, args, dataset_dir, heldout, base))
-    print("\n| run | val loss on assistant tokens | held-out exact | held-out ended their turn |")
-    print("|---|---|---|---|")
+    if args.packed:
+        results.append(run(names[0] + "_packed", True, args, dataset_dir, heldout, base, packing=True))
+    print("\n| run | val loss on assistant tokens, random windows | whole conversations | held-out exact | "
+          "held-out ended their turn |")
+    print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {'masked' if r['use_loss_mask'] else 'unmasked'} | {r['assistant_val_loss']:.4f} | "
+        print(f"| {label(r)} | {r['assistant_val_loss']:.4f} | {r['whole_conversation_val_loss']:.4f} | "
               f"{r['exact']}/{r['total']} | {r['ended']}/{r['total']} |")
     masked = results[0]
     print(f"\nmasked run: masked val loss {masked['first_val']:.4f} at the first evaluation -> {masked['last_val']:.4f} "
           f"at the end ({masked['last_val'] / masked['first_val']:.2f}x)")
     for r in results:
-        print(f"\nheld-out answers ({'masked' if r['use_loss_mask'] else 'unmasked'}), first 8:")
+        print(f"\nheld-out answers ({label(r)}), first 8:")
         for task, q, expected, got, ended in r["rows"][:8]:
             print(f"  [{task}] {q!r} -> {got!r} (expected {expected!r}){'' if ended else ' [did not end its turn]'}")
         print("  not stopped at the end of turn:")

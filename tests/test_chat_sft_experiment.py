@@ -1,6 +1,6 @@
 """The masking experiment's script (python -m experiments.chat_sft) runs end to end on a few steps: two-phase setting
-with prompt-heavy data, both SFT runs, scores, held-out answers and the not-stopped continuations. Run as a file it
-says how to run it, in one line."""
+with prompt-heavy data, both SFT runs and the packed one (--packed), scores, held-out answers and the not-stopped
+continuations. Run as a file it says how to run it, in one line."""
 
 import json
 import os
@@ -18,16 +18,17 @@ def test_two_phase_prompt_heavy_experiment_runs(tmp_path):
     out = tmp_path / "ckpt"
     r = subprocess.run([sys.executable, "-m", "experiments.chat_sft", "--pretrain_iters", "10",
                         "--max_iters", "10", "--context_chars", "64", "--out_dir", str(out), "--context_file", PROSE,
-                        "--json", str(tmp_path / "res.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        "--packed", "--json", str(tmp_path / "res.json")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "base model 'chat_tiny_context64_pretrained10_base'" in r.stdout
-    assert "| masked |" in r.stdout and "| unmasked |" in r.stdout
+    assert "| masked |" in r.stdout and "| unmasked |" in r.stdout and "| masked, packed |" in r.stdout
     res = json.load(open(tmp_path / "res.json"))
-    assert [x["use_loss_mask"] for x in res] == [True, False]
+    assert [(x["use_loss_mask"], x["packing"]) for x in res] == [(True, False), (False, False), (True, True)]
     for x in res:
         assert x["total"] == 50 and len(x["rows"]) == 50 and len(x["not_stopped"]) == 3
-        assert 0 < x["assistant_val_loss"] < 10
+        assert 0 < x["assistant_val_loss"] < 10 and 0 < x["whole_conversation_val_loss"] < 10
     # the SFT set was prepared with the base's vocabulary, and every held-out question got a passage in front
     data = out / "chat_tiny_context64_pretrained10_data"
     assert (data / "data" / "tokenizer_state.json").read_text() == (data / "pretrain_data" / "tokenizer_state.json").read_text()
