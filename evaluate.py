@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, latest_model_name, load_model, model_dir
 from data import Split, read_metadata
 from errors import GPTLabError, MissingFileError, one_line_errors
-from runtime import pick_device
+from runtime import add_model_arguments, pick_device
 from sample import Sampler
 from tokenizer import Tokenizer, chat_prompt
 
@@ -58,9 +58,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default=None, help="model in checkpoints/ (default: the one trained last)")
-    p.add_argument("--out_dir", default="checkpoints")
-    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help="ckpt.pt or best.pt")
+    add_model_arguments(p, dtype=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset_dir", help="a prepared dataset (prepare_dataset.py); its --split is scored")
     src.add_argument("--text_file", help="a plain text file, tokenized with the model's tokenizer and scored whole")
@@ -89,7 +87,6 @@ def parse_args(argv=None):
     p.add_argument("--attention_max_mb", type=float, default=2048, help="refuse --attention above this estimate")
     p.add_argument("--attention_png", default=None, help="heat map path (default: <model folder>/attention_pos0.png)")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
-    p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
 

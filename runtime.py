@@ -35,6 +35,18 @@ def pick_device(name="auto"):
     return name
 
 
+def add_model_arguments(p, dtype=True):
+    """The flags every command that loads a trained model shares (sample.py, serve.py, evaluate.py): which model,
+    which of its checkpoints, on what device and in what precision."""
+    p.add_argument("--model_name", default=None, help="model in checkpoints/ (default: the one trained last)")
+    p.add_argument("--out_dir", default="checkpoints")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help="ckpt.pt or best.pt")
+    p.add_argument("--device", default="auto")
+    if dtype:
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bf16 autocast where train.py uses it (CUDA, CPUs with native bf16 matmuls), else fp32")
+
+
 def device_type_of(device):
     return "cuda" if device.startswith("cuda") else device
 

@@ -19,15 +19,13 @@ import torch
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
 from errors import InputError, one_line_errors
-from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype
+from runtime import add_model_arguments, autocast_context, keep_freed_memory, pick_device, pick_dtype
 from tokenizer import TURN_STOPS, chat_prompt
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default=None, help="model in checkpoints/ (default: the one trained last)")
-    p.add_argument("--out_dir", default="checkpoints")
-    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help="ckpt.pt or best.pt")
+    add_model_arguments(p)
     p.add_argument("--prompt", default="", help="text to continue; for a chat model, the user's message")
     p.add_argument("--chat", action="store_true", help="interactive chat (history kept; 'quit' or Ctrl-D to end)")
     p.add_argument("--system", default=None, help="system prompt for chat")
@@ -37,9 +35,6 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bf16 autocast where train.py uses it (CUDA, CPUs with native bf16 matmuls), else fp32")
     p.add_argument("--no_bos_scaling", action="store_true", help="sample a BOS-zero model without the scaling")
     p.add_argument("--bos_scaling_factor", type=float, default=None, help="override the checkpoint's factor")
     return p.parse_args(argv)

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from checkpoint import CheckpointError, latest_model_name, load_model
 from engine import Engine, Request
 from errors import InputError, one_line_errors
-from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype
+from runtime import add_model_arguments, autocast_context, keep_freed_memory, pick_device, pick_dtype
 from tokenizer import TURN_STOPS, chat_prompt, content_text
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_page.html")
@@ -51,14 +51,9 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name", default=None, help="model in checkpoints/ (default: the one trained last)")
-    p.add_argument("--out_dir", default="checkpoints")
-    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help="ckpt.pt or best.pt")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the URL printed says which)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bf16 autocast where train.py uses it (CUDA, CPUs with native bf16 matmuls), else fp32")
     p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together; more wait their turn")
     p.add_argument("--api_key", default=None, help="if set, every /v1 request needs 'Authorization: Bearer KEY'")
     return p.parse_args(argv)
