@@ -52,7 +52,8 @@ import torch  # noqa: E402
 
 from errors import GPTLabError, one_line_errors  # noqa: E402
 
-SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing", "sample", "serve", "lora_memory")
+SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing", "sample", "int8", "serve",
+            "lora_memory")
 NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
 EXTRA_SECTIONS = ("compile_tiny", "train_gpu")  # opt-in: torch.compile on CPU (slow to compile), GPU only
 REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
@@ -534,7 +535,11 @@ def section_compile_tiny(ws, args):
 def section_sample(ws, args):
     """124M, batch 1, greedy, N new tokens after a 32-token prompt: our generate (KV cache) vs transformers'
     generate, the same random weights in both (converted), so both do exactly the same work; then our full
-    recompute (no cache) for the speed-up the cache buys."""
+    recompute (no cache) for the speed-up the cache buys. Ours runs as sample.py runs it: its fp32 weights in the
+    decode layout (decode_weights.py, "ours float32"), and also with nn.Linear's own ("plain"), under bf16
+    autocast, and weight-only int8 (--dtype int8)."""
+    import copy
+    from decode_weights import for_decoding
     from hf import load_hf_gpt2
     from transformers import GPT2LMHeadModel
     from tokenizer import Tokenizer
@@ -542,6 +547,8 @@ def section_sample(ws, args):
     hf_dir = ws.hf_checkpoint()
     ours, tok = load_hf_gpt2(hf_dir)
     ours.eval()
+    models = {"float32": for_decoding(copy.deepcopy(ours), "float32"), "bfloat16": ours, "plain float32": ours,
+              "int8": for_decoding(copy.deepcopy(ours), "int8")}
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     hf.generation_config.eos_token_id = None  # never stop early: exactly n_new tokens on both sides
     hf.generation_config.pad_token_id = 0
@@ -550,16 +557,20 @@ def section_sample(ws, args):
     prompt = torch.tensor([Tokenizer("gpt2").encode(text[5000:6000])[:32]])
     outs = {}
 
-    def ours_gen(dtype, cache=True):
-        with autocast(dtype):
-            outs[f"ours {dtype} cache={cache}"] = ours.generate(prompt, n_new, temperature=0, use_kv_cache=cache)
+    def ours_gen(setting, cache=True):
+        with autocast(setting.split()[-1]):
+            outs[f"ours {setting} cache={cache}"] = models[setting].generate(prompt, n_new, temperature=0,
+                                                                             use_kv_cache=cache)
 
     def hf_gen(dtype, impl):
         hf.set_attn_implementation(impl)
         with torch.no_grad(), autocast(dtype):
             outs[f"transformers {dtype} {impl}"] = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=0,
                                                                do_sample=False)
+    # "ours ..." are sample.py's --dtype float32 / bfloat16 (fastest() picks among them); int8 and nn.Linear's
+    # plain fp32 layout are reported on their own rows
     fns = {f"ours {d}": (lambda d=d: ours_gen(d)) for d in ("float32", "bfloat16")}
+    fns.update({f"{d} (ours)": (lambda d=d: ours_gen(d)) for d in ("int8", "plain float32")})
     fns.update({f"transformers {d} {i}": (lambda d=d, i=i: hf_gen(d, i)) for d, i in HF_SETTINGS})
     # the ceiling: the recorded arithmetic of one decode step (that of a 2-token generate after that of a 1-token
     # one, i.e. after the prefill), once per new token; each decode step reads all the weights, so a whole
@@ -570,11 +581,13 @@ def section_sample(ws, args):
             two = recorded_ops(lambda: ours.generate(prompt, 2, temperature=0))
         decode_step = ops_alone(two[len(prefill):])
         fns[f"ceiling {d}"] = (lambda f=decode_step: [f() for _ in range(n_new)])
-    med, samples = interleaved(fns, repeats=3, warmup=1)  # 8 candidates x 256 tokens: minutes already
+    med, samples = interleaved(fns, repeats=3, warmup=1)  # 10 candidates x 256 tokens: minutes already
     tps = {k: n_new / v for k, v in med.items()}
     best_ours, best_hf = fastest(tps, "ours"), fastest(tps, "transformers")
     hf_sdpa = fastest(tps, "transformers", "sdpa")
     same = bool(torch.equal(outs["ours float32 cache=True"], outs["transformers float32 sdpa"]))
+    hf_fp32 = max((k for k in tps if k.startswith("transformers float32")), key=tps.get)
+    int8_same = int((outs["ours int8 cache=True"] == outs["ours float32 cache=True"])[0, prompt.size(1):].sum())
     # the cache's speed-up, in our fastest dtype: one recompute run (it is slow) between two cached runs; the
     # cached time is the median of those two and of the runs above
     d = best_ours[5:]
@@ -592,7 +605,9 @@ def section_sample(ws, args):
            "ratio": tps[best_ours] / tps[best_hf], "ratio_default_attention": tps[best_ours] / tps[hf_sdpa],
            "same_tokens_as_transformers_fp32": same,
            "recompute_seconds": t_full, "cache_seconds": t_cache, "cache_speedup": t_full / t_cache,
-           "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"ceiling {d}"] / tps[best_hf]}
+           "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"ceiling {d}"] / tps[best_hf],
+           "fp32_ratio": tps["ours float32"] / tps[hf_fp32], "packed_vs_plain": tps["ours float32"] / tps["plain float32 (ours)"],
+           "int8_ratio": tps["int8 (ours)"] / tps[best_hf], "int8_same_tokens_as_fp32": int8_same}
     what = f"sampling 124M, batch 1, greedy, {n_new} new tokens (CPU)"
     ours_txt = f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)"
     # as each is shipped: sample.py's --dtype auto (runtime.pick_dtype) against generate() as it comes (fp32,
@@ -610,11 +625,83 @@ def section_sample(ws, args):
             row(f"{what}: tokens/s, fastest setting each (transformers' eager attention too)", ours_txt,
                 f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)", f"{res['ratio']:.2f}x",
                 ">= 1.5x vs transformers", res["ratio"] >= 1.5, per_repeat(samples, best_ours, best_hf)),
+            row(f"{what}: fp32 tokens/s, both in fp32 (transformers' fastest attention)",
+                f"{fmt_tps(tps['ours float32'])} (float32, decode layout)", f"{fmt_tps(tps[hf_fp32])} ({hf_fp32[13:]}, "
+                f"generate)", f"{res['fp32_ratio']:.2f}x", ">= 1.1x vs transformers", res["fp32_ratio"] >= 1.1,
+                f"nn.Linear's layout: {fmt_tps(tps['plain float32 (ours)'])}; the decode layout is "
+                f"{res['packed_vs_plain']:.2f}x that"),
+            row(f"{what}: int8 weight-only (sample.py --dtype int8) vs transformers' fastest setting",
+                f"{fmt_tps(tps['int8 (ours)'])} (int8)", f"{fmt_tps(tps[best_hf])} ({best_hf[13:]}, generate)",
+                f"{res['int8_ratio']:.2f}x", ">= 2x vs transformers", res["int8_ratio"] >= 2.0,
+                f"random weights: {int8_same}/{n_new} greedy tokens as fp32's (trained models: the int8 section)"),
             ceiling_row(what, "our generate's matrix products, GELU and layer norms", tps, d, best_hf,
                         res["ceiling_ratio"], ", generate"),
             row(f"{what}: KV cache vs full recompute ({d})", fmt_tps(n_new / t_cache), fmt_tps(n_new / t_full),
                 f"{res['cache_speedup']:.1f}x", "(reported)", None,
                 f"same tokens: {'yes' if same_full else 'NO'}")], res
+
+
+def int8_cost(model_name, out_dir, dataset_dir, n_batches, n_new, seed=0):
+    """fp32 against int8 weights of one trained model: the val loss on the same n_batches (fp32 has nn.Linear's
+    weights, as training evaluates) and greedy decoding of n_new tokens after a val prompt (both via the engine)."""
+    import copy
+    from checkpoint import load_model
+    from data import BatchLoader
+    from decode_weights import for_decoding
+    from engine import Engine, Request
+    model, tok, _ = load_model(model_name, out_dir)
+    model.eval()
+    q8 = for_decoding(copy.deepcopy(model), "int8")
+    T = model.config.block_size
+    val = BatchLoader(dataset_dir, "val", 4, T, seed=seed)  # the same seeded windows for both
+    losses = {"float32": [], "int8": []}
+    with torch.no_grad():
+        for _ in range(n_batches):
+            X, Y = val.get_batch()[:2]
+            losses["float32"].append(model(X, Y)[1].item())
+            losses["int8"].append(q8(X, Y)[1].item())
+    prompt = [tok.eot_token] + X[0, :31].tolist()
+    replies = {}
+    for name, m in (("float32", for_decoding(model, "float32")), ("int8", q8)):
+        r = Request(prompt, n_new, temperature=0)
+        list(Engine(m, tok).run([r]))
+        replies[name] = r.tokens
+    a, b = replies["float32"], replies["int8"]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    loss = {k: statistics.fmean(v) for k, v in losses.items()}
+    return {"val_loss": loss, "val_loss_change": loss["int8"] - loss["float32"],
+            "same_tokens": sum(x == y for x, y in zip(a, b)), "first_difference": first, "new_tokens": n_new}
+
+
+def section_int8(ws, args):
+    """What weight-only int8 decoding costs on trained models (the speed is the sample section's): the classic
+    benchmark's char model (configs/shakespeare_char.json) and a GPT-2 124M-shape model trained briefly on the
+    shared prose, each trained here, then read in fp32 and int8."""
+    from config import load_config
+    from train import train
+    out = os.path.join(ws.tmp, "int8_models")
+    char_iters, big_iters = (300, 20) if args.quick else (2000, 100)
+    runs = [("char", "configs/shakespeare_char.json", ws.shakespeare_char(), {"max_iters": char_iters,
+             "lr_decay_iters": char_iters}),
+            ("gpt2_124m", None, ws.gpt2_text(), dict(GPT2_124M, block_size=256, batch_size=4, max_iters=big_iters,
+             lr_decay_iters=big_iters, warmup_iters=big_iters // 10, learning_rate=6e-4, min_lr=6e-5, dropout=0.0))]
+    rows, res = [], {}
+    for name, preset, data, over in runs:
+        cfg = load_config(os.path.join(ROOT, preset) if preset else None,
+                          dict(over, model_name=name, out_dir=out, dataset_dir=data, eval_interval=over["max_iters"],
+                               eval_iters=5, log_interval=max(1, over["max_iters"] // 5), compile=False))
+        t = time.perf_counter()
+        train(cfg, log=lambda line: print(f"  [{name}] {line}", file=sys.stderr))
+        r = int8_cost(name, out, data, n_batches=10 if args.quick else 40, n_new=64 if args.quick else 256)
+        r["train_seconds"] = time.perf_counter() - t
+        res[name] = r
+        what = {"char": f"int8 cost: char model, shakespeare_char preset, {char_iters} iterations",
+                "gpt2_124m": f"int8 cost: GPT-2 124M shape, {big_iters} iterations on the prose"}[name]
+        rows.append(row(f"{what}: val loss int8 vs fp32", f"{r['val_loss']['int8']:.4f}",
+                        f"{r['val_loss']['float32']:.4f}", f"{r['val_loss_change']:+.4f}", "(reported)", None,
+                        f"greedy: {r['same_tokens']}/{r['new_tokens']} tokens as fp32's, first difference at "
+                        f"{r['first_difference']}"))
+    return rows, res
 
 
 def served_checkpoint(ws):

@@ -43,8 +43,9 @@ def add_model_arguments(p, dtype=True):
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help="ckpt.pt or best.pt")
     p.add_argument("--device", default="auto")
     if dtype:
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto: bf16 autocast where train.py uses it (CUDA, CPUs with native bf16 matmuls), else fp32")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                       help="auto: bf16 autocast where train.py uses it (CUDA, CPUs with native bf16 matmuls), else "
+                            "fp32; int8: weight-only int8 on the CPU (decode_weights.py), about 2-3x fp32's speed")
 
 
 def device_type_of(device):
@@ -81,7 +82,7 @@ def pick_dtype(dtype, device_type):
 
 
 def autocast_context(device_type, dtype):
-    if dtype == "float32" or device_type == "mps":
+    if dtype in ("float32", "int8") or device_type == "mps":  # int8: the int8 Linears cast for themselves
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 

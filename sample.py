@@ -8,7 +8,9 @@ Sample from a trained model, or chat with it.
 
 Tokens stream as they are generated (KV-cache decoding through engine.py; --num_samples N decodes the N samples
 as one batch, each with its own generator seeded --seed + i). A model trained with BOS zero training is sampled
-with the same first-position scaling; --no_bos_scaling / --bos_scaling_factor X override it.
+with the same first-position scaling; --no_bos_scaling / --bos_scaling_factor X override it. On the CPU,
+--dtype float32 reads its weights in a layout packed for decoding and --dtype int8 decodes with weight-only int8
+weights (decode_weights.py).
 """
 
 import argparse
@@ -17,6 +19,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError, latest_model_name, load_model
+from decode_weights import for_decoding
 from engine import Engine, Request
 from errors import InputError, one_line_errors
 from runtime import add_model_arguments, autocast_context, keep_freed_memory, pick_device, pick_dtype
@@ -42,10 +45,11 @@ def parse_args(argv=None):
 
 class Sampler:
     """A loaded model + tokenizer with the settings to generate from it (used by sample.py and evaluate.py). Every
-    sample goes through the batched engine (engine.py): one request alone, or --num_samples N as one batch."""
+    sample goes through the batched engine (engine.py): one request alone, or --num_samples N as one batch.
+    The model's Linears are laid out for decoding (decode_weights.py: fp32 packed, or int8), in place."""
 
     def __init__(self, model, tok, ckpt, device, dtype="float32", max_batch_size=1):
-        self.model, self.tok, self.device = model.eval(), tok, device
+        self.model, self.tok, self.device = for_decoding(model, dtype, max_batch_size).eval(), tok, device
         self.is_chat = ckpt.get("data_format") == "chat"
         self.ctx = lambda: autocast_context("cuda" if device.startswith("cuda") else device, dtype)
         self.engine = Engine(self.model, tok, max_batch_size, autocast=self.ctx)
