@@ -676,27 +676,31 @@ def int8_cost(model_name, out_dir, dataset_dir, n_batches, n_new, seed=0):
 def section_int8(ws, args):
     """What weight-only int8 decoding costs on trained models (the speed is the sample section's): the classic
     benchmark's char model (configs/shakespeare_char.json) and a GPT-2 124M-shape model trained briefly on the
-    shared prose, each trained here, then read in fp32 and int8."""
-    from config import load_config
-    from train import train
+    shared prose, each trained here by train.py, then read in fp32 and int8."""
     out = os.path.join(ws.tmp, "int8_models")
     char_iters, big_iters = (300, 20) if args.quick else (2000, 100)
-    runs = [("char", "configs/shakespeare_char.json", ws.shakespeare_char(), {"max_iters": char_iters,
-             "lr_decay_iters": char_iters}),
-            ("gpt2_124m", None, ws.gpt2_text(), dict(GPT2_124M, block_size=256, batch_size=4, max_iters=big_iters,
-             lr_decay_iters=big_iters, warmup_iters=big_iters // 10, learning_rate=6e-4, min_lr=6e-5, dropout=0.0))]
+    runs = [("char", ["--config_file", "configs/shakespeare_char.json", "--dataset_dir", ws.shakespeare_char(),
+                      "--max_iters", char_iters, "--lr_decay_iters", char_iters]),
+            ("gpt2_124m", ["--dataset_dir", ws.gpt2_text(), "--n_layer", 12, "--n_head", 12, "--n_embd", 768,
+                           "--block_size", 256, "--batch_size", 4, "--max_iters", big_iters, "--lr_decay_iters",
+                           big_iters, "--warmup_iters", big_iters // 10, "--learning_rate", 6e-4, "--min_lr", 6e-5,
+                           "--dropout", 0.0])]
     rows, res = [], {}
-    for name, preset, data, over in runs:
-        cfg = load_config(os.path.join(ROOT, preset) if preset else None,
-                          dict(over, model_name=name, out_dir=out, dataset_dir=data, eval_interval=over["max_iters"],
-                               eval_iters=5, log_interval=max(1, over["max_iters"] // 5), compile=False))
+    for name, flags in runs:
+        iters = int(flags[flags.index("--max_iters") + 1])
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, flags), "--model_name", name, "--out_dir", out,
+               "--eval_interval", str(iters), "--eval_iters", "5", "--log_interval", str(max(1, iters // 5))]
         t = time.perf_counter()
-        train(cfg, log=lambda line: print(f"  [{name}] {line}", file=sys.stderr))
-        r = int8_cost(name, out, data, n_batches=10 if args.quick else 40, n_new=64 if args.quick else 256)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+        if done.returncode != 0:
+            raise BenchError(f"training the {name} model for the int8 section failed: {done.stderr.strip()[-500:]}")
+        r = int8_cost(name, out, flags[flags.index("--dataset_dir") + 1], n_batches=10 if args.quick else 40,
+                      n_new=64 if args.quick else 256)
         r["train_seconds"] = time.perf_counter() - t
         res[name] = r
-        what = {"char": f"int8 cost: char model, shakespeare_char preset, {char_iters} iterations",
-                "gpt2_124m": f"int8 cost: GPT-2 124M shape, {big_iters} iterations on the prose"}[name]
+        what = {"char": f"int8 cost: char model, shakespeare_char preset, {iters} iterations",
+                "gpt2_124m": f"int8 cost: GPT-2 124M shape, {iters} iterations on the prose"}[name]
         rows.append(row(f"{what}: val loss int8 vs fp32", f"{r['val_loss']['int8']:.4f}",
                         f"{r['val_loss']['float32']:.4f}", f"{r['val_loss_change']:+.4f}", "(reported)", None,
                         f"greedy: {r['same_tokens']}/{r['new_tokens']} tokens as fp32's, first difference at "
