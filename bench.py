@@ -7,6 +7,7 @@ the same run, printed as a markdown table.
     python bench.py --threads 1 --json bench.json     # one thread (steadier on a shared machine); raw figures too
     python bench.py --quick                           # fewer repeats and tokens: a smoke run, noisier figures
     python bench.py --sections train_gpu              # on a CUDA GPU: 124M at block 1024, bf16 + compile, MFU
+    python bench.py --all_dtypes                      # time bf16 candidates even where this CPU only emulates bf16
 
 Machines are noisy (other jobs share the cores), so no figure is compared with one taken at another time: every
 row times our code and its reference in the same process, round-robin (repeat r runs each candidate once before
@@ -22,6 +23,13 @@ products and GPT-2's own kernels (tanh GELU, layer norms, the loss's log-softmax
 level and replayed on random inputs with nothing in between, plus the AdamW update for training. That is about
 the most any PyTorch code doing the same arithmetic can reach here, which tells a target our overhead misses from
 one no implementation could meet.
+
+The CPU: the header says what it is (runtime.cpu_facts: model, cores, vector flags, native bf16 or not) and its
+peak FLOP/s (cores x FMA units x fp32 lanes x 2 x clock, each factor and the clock's source stated), and every
+training row adds its achieved FLOP/s (GPT.estimate_mfu's 6N + attention per token) as a share of that peak for
+the dtype it ran in: the headroom. On a CPU without native bf16 (no avx512_bf16 / amx_bf16: AVX2-only CPUs) bf16
+matmuls are emulated, about 100x slower than fp32, so the bf16 candidates are skipped there, and the run says so
+(--all_dtypes times them anyway).
 
 The references: transformers' GPT2LMHeadModel at the same shape (training step and generate), raw tiktoken
 encode_ordinary_batch over the same text (preparation), the batches per second training consumes (loader),
@@ -62,6 +70,8 @@ GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
 # transformers' candidate settings (dtype, attention implementation): its default SDPA, and its eager attention,
 # which under bf16 on this CPU is faster for the same reason ours writes attention out (model.py)
 HF_SETTINGS = (("float32", "sdpa"), ("bfloat16", "sdpa"), ("float32", "eager"), ("bfloat16", "eager"))
+DTYPES = ("float32", "bfloat16")  # each side's candidate dtypes (bf16 only where the CPU has it natively: timed_dtypes)
+SKIPS_BF16 = ("train_tiny", "train_124m", "sample")  # the sections that time bf16 candidates beside fp32 ones
 
 
 class BenchError(GPTLabError, RuntimeError):
@@ -156,6 +166,63 @@ def auto_dtype():
     """What `dtype: auto` picks on this CPU (runtime.pick_dtype), as train.py and sample.py use it."""
     from runtime import pick_dtype
     return pick_dtype("auto", "cpu")
+
+
+def timed_dtypes(cpu, all_dtypes=False):
+    """(dtypes to time, why the others are skipped or ""). bf16 only where the CPU runs it natively (cpu: runtime's
+    cpu_facts): AVX2-only CPUs emulate bf16 matmuls (0.8 GFLOP/s against fp32's 136 on AVX2 kernels here), and
+    timing them took one section 849 s and another past 20 minutes, to learn that fp32 is faster there."""
+    if cpu["native_bf16"] or all_dtypes:
+        return DTYPES, ""
+    return ("float32",), ("skipped bf16 candidates: this CPU has no avx512_bf16/amx_bf16, bf16 is emulated "
+                          "(--all_dtypes times them anyway)")
+
+
+def hf_settings(dtypes):
+    return [(d, i) for d, i in HF_SETTINGS if d in dtypes]
+
+
+def fmt_flops(x):
+    return f"{x / 1e12:,.2f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:,.1f} GFLOP/s"
+
+
+def cpu_header(cpu):
+    """Two header lines: what the CPU is and its peak FLOP/s, each factor with how it was obtained."""
+    family = f" family {cpu['family']:#x}" if cpu["family"] is not None else ""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    native = [f for f in cpu["flags"] if f in ("avx512_bf16", "amx_bf16")]
+    bf16 = f"yes ({', '.join(native)})" if native else ("yes (torch's check)" if cpu["native_bf16"] else
+                                                        "no (no avx512_bf16/amx_bf16: bf16 is emulated)")
+    what = (f"CPU: {cpu['model']} ({cpu['vendor'] or 'vendor unknown'}{family}), {cpu['cores']} cores used "
+            f"({cpu['threads']} threads), torch capability {cpu['capability']}"
+            f"{f', ONEDNN_MAX_CPU_ISA={isa}' if isa else ''}, flags {' '.join(cpu['flags']) or 'unknown'}; "
+            f"native bf16: {bf16}")
+    peak = cpu["peak_flops"]
+    if peak["float32"] is None:
+        return what + "\nCPU peak: not estimated (needs the avx2 + fma flags and a known clock)"
+    lanes = {16: "AVX-512", 8: "AVX2"}[cpu["lanes"]]
+    if cpu["lanes"] == 8 and "avx512f" in cpu["flags"]:
+        lanes = "AMD family 0x19 runs AVX-512 on 256-bit pipes"
+    if "amx_bf16" in cpu["flags"]:
+        bf16_peak = f"{fmt_flops(peak['bfloat16'])} (AMX-BF16: Intel's 1024 FLOP/cycle/core)"
+    elif peak["bfloat16"]:
+        bf16_peak = f"{fmt_flops(peak['bfloat16'])} (avx512_bf16's dot product: 2x fp32)"
+    else:
+        bf16_peak = "none (emulated)"
+    return (what + f"\nCPU peak: fp32 {cpu['cores']} cores x {cpu['fma_units']} FMA units (assumed, modern x86) x "
+            f"{cpu['lanes']} fp32 lanes ({lanes}) x 2 FLOP x {cpu['clock_ghz']:.2f} GHz = {fmt_flops(peak['float32'])}"
+            f"; bf16 {bf16_peak}; clock from {cpu['clock_source']}; an upper bound")
+
+
+def achieved(cpu, flops_per_token, candidates):
+    """The FLOPs column of a training row: each (tokens/s, dtype)'s achieved FLOP/s (flops_per_token:
+    GPT.estimate_mfu's 6N + attention count, the same for both sides) and its share of the CPU's peak for the dtype
+    it ran in, "ours / reference"."""
+    cells = []
+    for tps, dtype in candidates:
+        flops, peak = flops_per_token * tps, cpu["peak_flops"].get(dtype)
+        cells.append(f"{flops / 1e9:,.1f}G ({100 * flops / peak:.1f}%)" if peak else f"{flops / 1e9:,.1f}G (no peak)")
+    return " / ".join(cells)
 
 
 MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
@@ -283,18 +350,18 @@ def random_batches(vocab_size, batch_size, block_size, device="cpu", seed=0):
 
 
 def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get_batch, our_vocab, hf_vocab, bias,
-                     repeats, inner, device="cpu"):
-    """Tokens/s of our step and transformers' step at one shape, every setting of each, interleaved."""
+                     repeats, inner, device="cpu", dtypes=DTYPES):
+    """Tokens/s of our step and transformers' step at one shape, every setting of each in `dtypes`, interleaved."""
     torch.manual_seed(0)
     ours = our_model(shape, our_vocab, block_size, bias, device)
     hf = hf_model(shape, hf_vocab, block_size, device)
     o_opt, h_opt = adamw(ours, device), adamw(hf, device)
     fns, update = {}, update_alone(ours, o_opt)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         fns[f"ours {dtype}"] = step = (lambda d=dtype: our_step(ours, o_opt, ours_get_batch, autocast(d, device)))
         # the ceiling: the step's products and GPT-2 kernels, and its optimizer update, with nothing else between
         fns[f"ceiling {dtype}"] = (lambda p=ops_alone(recorded_ops(step), device): (p(), update()))
-    for dtype, impl in HF_SETTINGS:
+    for dtype, impl in hf_settings(dtypes):
         def f(d=dtype, i=impl):
             hf.set_attn_implementation(i)
             return hf_step(hf, h_opt, hf_get_batch, autocast(d, device))
@@ -304,8 +371,10 @@ def train_comparison(name, shape, batch_size, block_size, ours_get_batch, hf_get
     tps = {k: tokens / v for k, v in med.items()}
     best_ours, best_hf = fastest(tps, "ours"), fastest(tps, "transformers")
     best_hf_sdpa = fastest(tps, "transformers", "sdpa")
+    flops_per_token = ours.estimate_mfu(1.0, 1.0)  # 6N + attention (PaLM), counted for both sides alike
     del ours, hf, o_opt, h_opt
-    return {"name": name, "tokens_per_s": tps, "tokens_per_cpu_s": cpu_rates(samples, tokens),
+    return {"name": name, "flops_per_token": flops_per_token, "tokens_per_s": tps,
+            "tokens_per_cpu_s": cpu_rates(samples, tokens),
             "seconds_per_step_samples": samples, "best_ours": best_ours, "best_hf": best_hf,
             "best_hf_default_attention": best_hf_sdpa, "ratio": tps[best_ours] / tps[best_hf],
             "ratio_default_attention": tps[best_ours] / tps[best_hf_sdpa],
@@ -376,22 +445,29 @@ def loader(dataset_dir, batch_size, block_size, device="cpu"):
 # ---------------------------------------------------------------------------------------------------------------
 # sections: each returns (rows for the table, raw figures for the JSON)
 
-def row(what, ours, ref, ratio, target, ok, note=""):
-    return {"what": what, "ours": ours, "reference": ref, "ratio": ratio, "target": target, "ok": ok, "note": note}
+def row(what, ours, ref, ratio, target, ok, note="", flops=""):
+    """One table row; flops: a training row's achieved FLOP/s and share of the CPU's peak (achieved)."""
+    return {"what": what, "ours": ours, "reference": ref, "ratio": ratio, "target": target, "ok": ok, "note": note,
+            "flops": flops}
 
 
-def ceiling_row(what, work, tps, dtype, ref, ratio, ref_suffix=""):
+def ceiling_row(what, work, tps, dtype, ref, ratio, ref_suffix="", flops=""):
     """The ceiling row: `work` alone, no other (the "ceiling DTYPE" candidate), against ref."""
     return row(f"{what}: {work} alone (the ceiling of any PyTorch code doing them)",
                f"{fmt_tps(tps[f'ceiling {dtype}'])} ({dtype})", f"{fmt_tps(tps[ref])} ({ref[13:]}{ref_suffix})",
-               f"{ratio:.2f}x", "(reported)", None)
+               f"{ratio:.2f}x", "(reported)", None, flops=flops)
 
 
 def fmt_tps(x):
     return f"{x / 1000:,.1f}k tok/s" if x >= 1000 else f"{x:,.1f} tok/s"
 
 
-def train_rows(res, what, target_ratio):
+def train_flops(cpu, res, *candidates):
+    """achieved() for candidates named as in res["tokens_per_s"] ("ours bfloat16", "transformers float32 eager")."""
+    return achieved(cpu, res["flops_per_token"], [(res["tokens_per_s"][k], k.split()[1]) for k in candidates])
+
+
+def train_rows(res, what, target_ratio, cpu):
     """Three rows: transformers in its fastest dtype with its default attention (SDPA), in its fastest setting of
     all (eager attention included), and the ceiling: our step's unavoidable arithmetic alone against that."""
     tps = res["tokens_per_s"]
@@ -399,13 +475,13 @@ def train_rows(res, what, target_ratio):
     return [row(f"{what}: training tokens/s, fastest dtype each (transformers' default attention)",
                 f"{fmt_tps(tps[ours])} ({ours[5:]})", f"{fmt_tps(tps[hf_sdpa])} ({hf_sdpa[13:]})",
                 f"{res['ratio_default_attention']:.2f}x", f">= {target_ratio}x vs transformers",
-                res["ratio_default_attention"] >= target_ratio),
+                res["ratio_default_attention"] >= target_ratio, flops=train_flops(cpu, res, ours, hf_sdpa)),
             row(f"{what}: training tokens/s, fastest setting each (transformers' eager attention too)",
                 f"{fmt_tps(tps[ours])} ({ours[5:]})", f"{fmt_tps(tps[hf])} ({hf[13:]})", f"{res['ratio']:.2f}x",
                 f">= {target_ratio}x vs transformers", res["ratio"] >= target_ratio,
-                per_repeat(res["seconds_per_step_samples"], ours, hf)),
+                per_repeat(res["seconds_per_step_samples"], ours, hf), flops=train_flops(cpu, res, ours, hf)),
             ceiling_row(what, "our step's matrix products, GELU, layer norms, loss log-softmax and AdamW update", tps,
-                        ours[5:], hf, res["ceiling_ratio"])]
+                        ours[5:], hf, res["ceiling_ratio"], flops=train_flops(cpu, res, f"ceiling {ours[5:]}", hf))]
 
 
 def memory_rows(what, shape_spec, res):
@@ -422,19 +498,22 @@ def section_train_tiny(ws, args):
     ld = loader(data, B, T)
     get_batch = ld.get_batch
     res = train_comparison("train_tiny", TINY, B, T, get_batch, get_batch, ld.vocab_limit, ld.data.vocab_size,
-                           bias=False, repeats=5 if args.quick else 9, inner=10 if args.quick else 20)
+                           bias=False, repeats=5 if args.quick else 9, inner=10 if args.quick else 20,
+                           dtypes=args.dtypes)
     tps = res["tokens_per_s"]
     what = "tiny 4x128, block 64, batch 12 (CPU)"
-    rows = train_rows(res, what, 1.5)
+    rows = train_rows(res, what, 1.5, args.cpu)
     best = tps[res["best_ours"]]
     rows.append(row(f"{what}: our training tokens/s vs the reference figure", fmt_tps(best),
                     fmt_tps(REFERENCE_TOKENS_PER_S) + " (README)", f"{best / REFERENCE_TOKENS_PER_S:.2f}x",
-                    ">= 1.2x (18.7k tok/s)", best >= 1.2 * REFERENCE_TOKENS_PER_S))
+                    ">= 1.2x (18.7k tok/s)", best >= 1.2 * REFERENCE_TOKENS_PER_S,
+                    flops=train_flops(args.cpu, res, res["best_ours"])))
     auto = auto_dtype()
     res["auto_dtype"] = auto
     rows.append(row(f"{what}: train.py's dtype auto picks {auto}", fmt_tps(tps[f'ours {auto}']),
                     fmt_tps(tps[res['best_ours']]) + " (our fastest)", f"{tps[f'ours {auto}'] / best:.2f}x",
-                    "auto = our fastest", auto == res["best_ours"][5:] or tps[f"ours {auto}"] / best > 0.97))
+                    "auto = our fastest", auto == res["best_ours"][5:] or tps[f"ours {auto}"] / best > 0.97,
+                    flops=train_flops(args.cpu, res, f"ours {auto}", res["best_ours"])))
     if not args.no_memory:
         rows += memory_rows(what, dict(shape="tiny", vocab=ld.vocab_limit, hf_vocab=ld.data.vocab_size), res)
     return rows, res
@@ -445,9 +524,9 @@ def section_train_124m(ws, args):
     B, T = 4, 256
     ld = loader(data, B, T)
     res = train_comparison("train_124m", GPT2_124M, B, T, ld.get_batch, ld.get_batch, 50304, 50257, bias=True,
-                           repeats=3 if args.quick else 5, inner=1)
+                           repeats=3 if args.quick else 5, inner=1, dtypes=args.dtypes)
     what = "124M 12x768, batch 4 x 256 (CPU)"
-    rows = train_rows(res, what, 1.3)
+    rows = train_rows(res, what, 1.3, args.cpu)
     if not args.no_memory:
         rows += memory_rows(what, dict(shape="124m", vocab=50304, hf_vocab=50257), res)
     return rows, res
@@ -480,7 +559,8 @@ def packing_comparison(dataset_dir, shape, batch_size, block_size, repeats, inne
     tokens = {"random windows": batch_size * block_size, "packed": fill * batch_size * block_size}
     tps = {k: tokens[k] / v for k, v in med.items()}
     per_cpu_s = {k: tokens[k] * r for k, r in cpu_rates(samples, 1).items()}
-    return {"dtype": dtype, "fill": fill, "tokens_per_s": tps, "tokens_per_cpu_s": per_cpu_s, "samples": samples,
+    return {"dtype": dtype, "fill": fill, "flops_per_token": model.estimate_mfu(1.0, 1.0), "tokens_per_s": tps,
+            "tokens_per_cpu_s": per_cpu_s, "samples": samples,
             "summary": packed.summary(), "ratio": tps["packed"] / tps["random windows"],
             "cpu_ratio": per_cpu_s["packed"] / per_cpu_s["random windows"],
             "per_repeat": [fill * w / p for p, w in zip(samples["packed"]["wall"], samples["random windows"]["wall"])]}
@@ -501,7 +581,9 @@ def section_packing(ws, args):
                         f"trained tokens/s", fmt_tps(tps["packed"]), fmt_tps(tps["random windows"]) + " (random windows)",
                         f"{r['ratio']:.2f}x", ">= 0.9x", r["ratio"] >= 0.9,
                         f"{r['cpu_ratio']:.2f}x in CPU time, per repeat {min(r['per_repeat']):.2f}x-"
-                        f"{max(r['per_repeat']):.2f}x"))
+                        f"{max(r['per_repeat']):.2f}x",
+                        flops=achieved(args.cpu, r["flops_per_token"], [(tps[k], r["dtype"]) for k in
+                                                                        ("packed", "random windows")])))
     res["tokens_per_s"] = {f"{n} {k}": v for n, r in list(res.items()) for k, v in r["tokens_per_s"].items()}
     return rows, res
 
@@ -529,7 +611,9 @@ def section_compile_tiny(ws, args):
            "tokens_per_cpu_s": cpu_rates(samples, B * T), "samples": samples}
     speedup = tps["compiled"] / tps["eager"]
     return [row(f"tiny (CPU, {dtype}): torch.compile, first 2 steps {compile_s:.0f} s", fmt_tps(tps["compiled"]),
-                fmt_tps(tps["eager"]) + " (eager)", f"{speedup:.2f}x", "(reported)", None)], res
+                fmt_tps(tps["eager"]) + " (eager)", f"{speedup:.2f}x", "(reported)", None,
+                flops=achieved(args.cpu, eager.estimate_mfu(1.0, 1.0),
+                               [(tps["compiled"], dtype), (tps["eager"], dtype)]))], res
 
 
 def section_sample(ws, args):
@@ -538,50 +622,9 @@ def section_sample(ws, args):
     recompute (no cache) for the speed-up the cache buys. Ours runs as sample.py runs it: its fp32 weights in the
     decode layout (decode_weights.py, "ours float32"), and also with nn.Linear's own ("plain"), under bf16
     autocast, and weight-only int8 (--dtype int8)."""
-    import copy
-    from decode_weights import for_decoding
-    from hf import load_hf_gpt2
-    from transformers import GPT2LMHeadModel
-    from tokenizer import Tokenizer
     n_new = 64 if args.quick else 256
-    hf_dir = ws.hf_checkpoint()
-    ours, tok = load_hf_gpt2(hf_dir)
-    ours.eval()
-    models = {"float32": for_decoding(copy.deepcopy(ours), "float32"), "bfloat16": ours, "plain float32": ours,
-              "int8": for_decoding(copy.deepcopy(ours), "int8")}
-    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    hf.generation_config.eos_token_id = None  # never stop early: exactly n_new tokens on both sides
-    hf.generation_config.pad_token_id = 0
-    with open(ws.corpus("pride_and_prejudice_pg1342.txt")) as f:
-        text = f.read()
-    prompt = torch.tensor([Tokenizer("gpt2").encode(text[5000:6000])[:32]])
-    outs = {}
-
-    def ours_gen(setting, cache=True):
-        with autocast(setting.split()[-1]):
-            outs[f"ours {setting} cache={cache}"] = models[setting].generate(prompt, n_new, temperature=0,
-                                                                             use_kv_cache=cache)
-
-    def hf_gen(dtype, impl):
-        hf.set_attn_implementation(impl)
-        with torch.no_grad(), autocast(dtype):
-            outs[f"transformers {dtype} {impl}"] = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=0,
-                                                               do_sample=False)
-    # "ours ..." are sample.py's --dtype float32 / bfloat16 (fastest() picks among them); int8 and nn.Linear's
-    # plain fp32 layout are reported on their own rows
-    fns = {f"ours {d}": (lambda d=d: ours_gen(d)) for d in ("float32", "bfloat16")}
-    fns.update({f"{d} (ours)": (lambda d=d: ours_gen(d)) for d in ("int8", "plain float32")})
-    fns.update({f"transformers {d} {i}": (lambda d=d, i=i: hf_gen(d, i)) for d, i in HF_SETTINGS})
-    # the ceiling: the recorded arithmetic of one decode step (that of a 2-token generate after that of a 1-token
-    # one, i.e. after the prefill), once per new token; each decode step reads all the weights, so a whole
-    # generate's products, each with inputs of its own, would not fit in memory
-    for d in ("float32", "bfloat16"):
-        with autocast(d):
-            prefill = recorded_ops(lambda: ours.generate(prompt, 1, temperature=0))
-            two = recorded_ops(lambda: ours.generate(prompt, 2, temperature=0))
-        decode_step = ops_alone(two[len(prefill):])
-        fns[f"ceiling {d}"] = (lambda f=decode_step: [f() for _ in range(n_new)])
-    med, samples = interleaved(fns, repeats=3, warmup=1)  # 10 candidates x 256 tokens: minutes already
+    fns, outs, ours_gen, prompt = sample_candidates(ws, args, n_new)
+    med, samples = interleaved(fns, repeats=3, warmup=1)  # 10 candidates x 256 tokens: minutes (6 on fp32 only)
     tps = {k: n_new / v for k, v in med.items()}
     best_ours, best_hf = fastest(tps, "ours"), fastest(tps, "transformers")
     hf_sdpa = fastest(tps, "transformers", "sdpa")
@@ -607,7 +650,64 @@ def section_sample(ws, args):
            "recompute_seconds": t_full, "cache_seconds": t_cache, "cache_speedup": t_full / t_cache,
            "recompute_same_tokens": same_full, "ceiling_ratio": tps[f"ceiling {d}"] / tps[best_hf],
            "fp32_ratio": tps["ours float32"] / tps[hf_fp32], "packed_vs_plain": tps["ours float32"] / tps["plain float32 (ours)"],
-           "int8_ratio": tps["int8 (ours)"] / tps[best_hf], "int8_same_tokens_as_fp32": int8_same}
+           "int8_ratio": tps["int8 (ours)"] / tps[best_hf], "int8_same_tokens_as_fp32": int8_same,
+           "hf_sdpa": hf_sdpa, "hf_fp32": hf_fp32, "cache_dtype": d}
+    return sample_rows(res), res
+
+
+def sample_candidates(ws, args, n_new):
+    """The sample section's timed candidates {name: fn}, the dict their generated ids land in, our generate
+    (setting, cache=True) and the prompt."""
+    import copy
+    from decode_weights import for_decoding
+    from hf import load_hf_gpt2
+    from transformers import GPT2LMHeadModel
+    from tokenizer import Tokenizer
+    hf_dir = ws.hf_checkpoint()
+    ours, tok = load_hf_gpt2(hf_dir)
+    ours.eval()
+    models = {"float32": for_decoding(copy.deepcopy(ours), "float32"), "bfloat16": ours, "plain float32": ours,
+              "int8": for_decoding(copy.deepcopy(ours), "int8")}
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    hf.generation_config.eos_token_id = None  # never stop early: exactly n_new tokens on both sides
+    hf.generation_config.pad_token_id = 0
+    with open(ws.corpus("pride_and_prejudice_pg1342.txt")) as f:
+        text = f.read()
+    prompt = torch.tensor([Tokenizer("gpt2").encode(text[5000:6000])[:32]])
+    outs = {}
+
+    def ours_gen(setting, cache=True):
+        with autocast(setting.split()[-1]):
+            outs[f"ours {setting} cache={cache}"] = models[setting].generate(prompt, n_new, temperature=0,
+                                                                             use_kv_cache=cache)
+
+    def hf_gen(dtype, impl):
+        hf.set_attn_implementation(impl)
+        with torch.no_grad(), autocast(dtype):
+            outs[f"transformers {dtype} {impl}"] = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=0,
+                                                               do_sample=False)
+    # "ours ..." are sample.py's --dtype float32 / bfloat16 (fastest() picks among them); int8 and nn.Linear's
+    # plain fp32 layout are reported on their own rows (both native on every CPU)
+    fns = {f"ours {d}": (lambda d=d: ours_gen(d)) for d in args.dtypes}
+    fns.update({f"{d} (ours)": (lambda d=d: ours_gen(d)) for d in ("int8", "plain float32")})
+    fns.update({f"transformers {d} {i}": (lambda d=d, i=i: hf_gen(d, i)) for d, i in hf_settings(args.dtypes)})
+    # the ceiling: the recorded arithmetic of one decode step (that of a 2-token generate after that of a 1-token
+    # one, i.e. after the prefill), once per new token; each decode step reads all the weights, so a whole
+    # generate's products, each with inputs of its own, would not fit in memory
+    for d in args.dtypes:
+        with autocast(d):
+            prefill = recorded_ops(lambda: ours.generate(prompt, 1, temperature=0))
+            two = recorded_ops(lambda: ours.generate(prompt, 2, temperature=0))
+        decode_step = ops_alone(two[len(prefill):])
+        fns[f"ceiling {d}"] = (lambda f=decode_step: [f() for _ in range(n_new)])
+    return fns, outs, ours_gen, prompt
+
+
+def sample_rows(res):
+    tps, samples, n_new, d = res["tokens_per_s"], res["samples"], res["new_tokens"], res["cache_dtype"]
+    best_ours, best_hf, hf_sdpa, hf_fp32 = res["best_ours"], res["best_hf"], res["hf_sdpa"], res["hf_fp32"]
+    same, same_full = res["same_tokens_as_transformers_fp32"], res["recompute_same_tokens"]
+    int8_same, t_cache, t_full = res["int8_same_tokens_as_fp32"], res["cache_seconds"], res["recompute_seconds"]
     what = f"sampling 124M, batch 1, greedy, {n_new} new tokens (CPU)"
     ours_txt = f"{fmt_tps(tps[best_ours])} ({best_ours[5:]}, KV cache)"
     # as each is shipped: sample.py's --dtype auto (runtime.pick_dtype) against generate() as it comes (fp32,
@@ -638,7 +738,7 @@ def section_sample(ws, args):
                         res["ceiling_ratio"], ", generate"),
             row(f"{what}: KV cache vs full recompute ({d})", fmt_tps(n_new / t_cache), fmt_tps(n_new / t_full),
                 f"{res['cache_speedup']:.1f}x", "(reported)", None,
-                f"same tokens: {'yes' if same_full else 'NO'}")], res
+                f"same tokens: {'yes' if same_full else 'NO'}")]
 
 
 def int8_cost(model_name, out_dir, dataset_dir, n_batches, n_new, seed=0):
@@ -1070,11 +1170,18 @@ def run_probe(spec):
 # ---------------------------------------------------------------------------------------------------------------
 
 def markdown(rows, header):
-    out = [header, "", "| measurement | ours | reference | ratio | target | met |", "|---|---|---|---|---|---|"]
+    """The table; the FLOP/s column (training rows: achieved FLOP/s, % of the CPU's peak in the row's dtype) only
+    when some row has it."""
+    flops = any(r.get("flops") for r in rows)
+    cols = ["measurement", "ours", "reference", "ratio", "target", "met"]
+    cols += ["GFLOP/s (% of CPU peak) ours / ref"] if flops else []
+    out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         met = "" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
         note = f" ({r['note']})" if r["note"] else ""
-        out.append(f"| {r['what']}{note} | {r['ours']} | {r['reference']} | {r['ratio']} | {r['target']} | {met} |")
+        cells = [f"{r['what']}{note}", r["ours"], r["reference"], r["ratio"], r["target"], met]
+        cells += [r.get("flops", "")] if flops else []
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -1099,6 +1206,8 @@ def main(argv=None):
     p.add_argument("--corpus_dir", default=os.path.join(SHARED, "corpora"))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--gpu_batch_size", type=int, default=16)
+    p.add_argument("--all_dtypes", action="store_true",
+                   help="time bf16 candidates even on a CPU that only emulates bf16 (no avx512_bf16/amx_bf16): slow")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one fresh-process measurement
     args = p.parse_args(argv)
     if args.threads:
@@ -1112,10 +1221,13 @@ def main(argv=None):
         raise BenchError(f"unknown section '{unknown[0]}': choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}")
     sections.sort(key=(SECTIONS + EXTRA_SECTIONS).index)  # the sections without models first (see the loop)
     import platform
+    import runtime
+    args.cpu = runtime.cpu_facts()  # after --threads: the cores the peak counts are the threads torch uses
+    args.dtypes, skipped = timed_dtypes(args.cpu, args.all_dtypes)
     header = (f"bench.py ({' '.join(sys.argv[1:]) or 'all CPU sections'}): torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    import runtime
+    print(header + "\n" + cpu_header(args.cpu), file=sys.stderr, flush=True)
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         ws = Workspace(tmp, args.corpus_dir)
@@ -1128,19 +1240,24 @@ def main(argv=None):
                 runtime.keep_freed_memory()
             t = time.perf_counter()
             print(f"[{name}] ...", file=sys.stderr, flush=True)
+            if skipped and name in SKIPS_BF16:
+                print(f"[{name}] {skipped}", file=sys.stderr, flush=True)
             r, res = globals()[f"section_{name}"](ws, args)
             res["seconds"] = time.perf_counter() - t
+            if skipped and name in SKIPS_BF16:
+                res["skipped"] = skipped
             rows += r
             results[name] = res
             print(f"[{name}] done in {res['seconds']:.0f} s", file=sys.stderr, flush=True)
-    header += f"; load average {os.getloadavg()[0]:.1f} at the end"
+    header += f"; load average {os.getloadavg()[0]:.1f} at the end\n" + cpu_header(args.cpu)
+    header += "".join(f"\n[{n}] {res['skipped']}" for n, res in results.items() if res.get("skipped"))
     print(markdown(rows, header))
     print()
     print(details(results))
     if args.json:
         tmp_json = args.json + ".tmp"
         with open(tmp_json, "w") as f:
-            json.dump({"header": header, "rows": rows, "results": results}, f, indent=1, default=str)
+            json.dump({"header": header, "cpu": args.cpu, "rows": rows, "results": results}, f, indent=1, default=str)
         os.replace(tmp_json, args.json)
 
 

@@ -1,7 +1,7 @@
 """
-What every entry point shares at run time: the device, the distributed setup under torchrun, precision (autocast),
-the CPU malloc setting, gradient sync and the FSDP helpers, the learning-rate schedule, catching SIGINT/SIGTERM,
-and the metrics log. train.py, scaffold.py, sample.py, serve.py, evaluate.py and bench.py import it; it imports
+What every entry point shares at run time: the device, the distributed setup under torchrun, precision (autocast,
+and what this CPU runs natively: cpu_facts), the CPU malloc setting, gradient sync and the FSDP helpers, the
+learning-rate schedule, catching SIGINT/SIGTERM, and the metrics log. train.py, scaffold.py, sample.py, serve.py, evaluate.py and bench.py import it; it imports
 no project module but errors.py, so every one of them can.
 """
 
@@ -71,14 +71,131 @@ def setup_distributed(device="auto", backend="auto"):
 def pick_dtype(dtype, device_type):
     """The dtype to run in for a requested one (auto | float32 | bfloat16 | float16). auto: bf16 autocast on CUDA
     GPUs that have it (else fp16 with a grad scaler) and on CPUs with native bf16 matmuls (AVX512-BF16 / AMX:
-    measured faster there at every shape we train); fp32 elsewhere."""
+    measured faster there at every shape we train; cpu_facts); fp32 elsewhere, where bf16 is emulated: a 1024x768x3072
+    matmul on AVX2 kernels here runs at 0.8 GFLOP/s in bf16 against 136 in fp32."""
     if dtype != "auto":
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device_type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if device_type == "cpu" and cpu_facts()["native_bf16"]:
         return "bfloat16"
     return "float32"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what this CPU can do: its vector flags, native bf16, its peak FLOP/s (bench.py prints them; pick_dtype's rule)
+
+CPU_FLAGS_ENV = "GPTLAB_CPU_FLAGS"  # space-separated flags that replace /proc/cpuinfo's: act as another CPU (tests)
+CPUFREQ_MAX = "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"  # kHz, where the kernel exposes it
+FMA_UNITS = 2  # per core, assumed: modern x86 cores have 2 vector FMA pipes (a few Xeon Bronze/Silver have 1)
+AMX_BF16_FLOPS_PER_CYCLE = 1024  # per core, Intel's figure: one TDPBF16PS (16x16x32 multiply-adds) per 16 cycles
+ZEN_256_FAMILY = 0x19  # AMD Zen 3 / Zen 4: AVX-512 (Zen 4) runs as two halves on 256-bit FMA pipes
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def parse_cpuinfo(text):
+    """The first processor's model name, vendor, family, flags and "cpu MHz" from /proc/cpuinfo's text, and the
+    physical cores: distinct (physical id, core id) pairs, since SMT siblings share one core's FMA pipes."""
+    procs, cur = [], {}
+    for line in (text or "").splitlines() + [""]:
+        key, sep, value = line.partition(":")
+        if sep:
+            cur[key.strip()] = value.strip()
+        elif cur:  # a blank line ends one processor's block
+            procs.append(cur)
+            cur = {}
+    first = procs[0] if procs else {}
+    cores = {(p.get("physical id"), p.get("core id")) for p in procs}
+    has_ids = all("core id" in p for p in procs)
+    try:
+        mhz = float(first.get("cpu MHz", ""))
+    except ValueError:
+        mhz = None
+    return {"model": first.get("model name", ""), "vendor": first.get("vendor_id", ""),
+            "family": int(first["cpu family"]) if first.get("cpu family", "").isdigit() else None,
+            "flags": set(first.get("flags", "").split()), "mhz": mhz,
+            "physical_cores": (len(cores) if has_ids else len(procs)) or None}
+
+
+def kernel_flags(flags, capability, onednn_isa):
+    """The flags PyTorch's kernels may use: ATEN_CPU_CAPABILITY (torch's capability) and ONEDNN_MAX_CPU_ISA cap
+    them below the hardware's, e.g. to run as an AVX2-only CPU on an AVX-512 one (then bf16 is emulated there
+    too). An AVX2 or lower cap drops every AVX-512 and AMX flag; an AVX-512 cap without BF16 in its name drops
+    avx512_bf16 and AMX; one without AMX drops AMX."""
+    isa = (onednn_isa or "").upper()
+    wide = {f for f in flags if f.startswith(("avx512", "amx"))}
+    if capability in ("AVX2", "DEFAULT", "NO AVX") or (isa not in ("", "DEFAULT", "ALL")
+                                                       and not isa.startswith(("AVX512", "AVX10", "AMX"))):
+        return flags - wide
+    if isa.startswith(("AVX512", "AVX10")) and "AMX" not in isa:
+        flags = flags - {f for f in flags if f.startswith("amx")}
+        if not any(s in isa for s in ("BF16", "FP16", "AVX10")):
+            flags = flags - {"avx512_bf16"}
+    return flags
+
+
+def fp32_lanes(flags, vendor, family):
+    """fp32 lanes of one FMA pipe, from the flags: 16 with AVX-512, 8 with AVX2 + FMA, None below (no estimate).
+    The rule: AMD family 0x19 (Zen 3, Zen 4) counts 8 even with avx512f, because Zen 4 splits each 512-bit op
+    over its 256-bit pipes (measured here: a 1024x768x3072 fp32 matmul reaches 71-82% of the 8-lane peak, which
+    16 lanes would put at 36-41%). Other CPUs get their flags' width, an upper bound where the datapath is narrower
+    (Zen 1's 128-bit pipes, Zen 5 laptops)."""
+    if "avx512f" in flags and not (vendor == "AuthenticAMD" and family == ZEN_256_FAMILY):
+        return 16
+    if "avx2" in flags and "fma" in flags:
+        return 8
+    return None
+
+
+def cpu_facts(cpuinfo_text=None, max_freq_text=None, env=None, capability=None, threads=None):
+    """This CPU's model, vector flags, native bf16 (avx512_bf16 or amx_bf16, after kernel_flags' caps), the cores
+    torch uses and the peak FLOP/s of fp32 and bf16 matmuls on them:
+        fp32: cores x FMA_UNITS x fp32 lanes x 2 FLOPs (multiply + add) x clock
+        bf16: with AMX-BF16, cores x AMX_BF16_FLOPS_PER_CYCLE x clock; with AVX512-BF16, twice fp32's (VDPBF16PS
+              multiplies and adds two bf16 pairs into each fp32 lane); without either, none (bf16 is emulated)
+    The clock is cpufreq's cpuinfo_max_freq where the kernel has it (the top boost clock: sustained all-core
+    vector clocks are lower), else /proc/cpuinfo's "cpu MHz" (the clock when read; in a VM, the host's nominal
+    clock, which boost can exceed). Each is an upper bound no real step reaches. Defaults read this machine
+    (GPTLAB_CPU_FLAGS replaces the flags); tests give cpuinfo_text (then max_freq_text stands for the cpufreq file,
+    None: absent), env, capability and threads."""
+    env = os.environ if env is None else env
+    if cpuinfo_text is None:
+        cpuinfo_text, max_freq_text = _read("/proc/cpuinfo"), _read(CPUFREQ_MAX)
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    threads = torch.get_num_threads() if threads is None else threads
+    info = parse_cpuinfo(cpuinfo_text)
+    flags = set(env[CPU_FLAGS_ENV].split()) if env.get(CPU_FLAGS_ENV) is not None else info["flags"]
+    flags = kernel_flags(flags, capability, env.get("ONEDNN_MAX_CPU_ISA"))
+    if flags or env.get(CPU_FLAGS_ENV) is not None:
+        native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    else:  # no /proc/cpuinfo (macOS, Windows): torch's own check
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if max_freq_text and max_freq_text.strip().isdigit():
+        ghz, clock_source = int(max_freq_text) / 1e6, "cpufreq cpuinfo_max_freq (top boost clock)"
+    elif info["mhz"]:
+        ghz, clock_source = info["mhz"] / 1e3, "/proc/cpuinfo 'cpu MHz' (clock when read; in a VM the host's nominal)"
+    else:
+        ghz, clock_source = None, "unknown"
+    cores = min(threads, info["physical_cores"] or threads)
+    lanes = fp32_lanes(flags, info["vendor"], info["family"])
+    peak = {"float32": None, "bfloat16": None}
+    if lanes and ghz:
+        peak["float32"] = cores * FMA_UNITS * lanes * 2 * ghz * 1e9
+        if "amx_bf16" in flags:
+            peak["bfloat16"] = cores * AMX_BF16_FLOPS_PER_CYCLE * ghz * 1e9
+        elif "avx512_bf16" in flags:
+            peak["bfloat16"] = 2 * peak["float32"]
+    return {"model": info["model"] or "unknown CPU", "vendor": info["vendor"], "family": info["family"],
+            "capability": capability, "threads": threads, "cores": cores, "native_bf16": native_bf16,
+            "flags": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")),
+            "fma_units": FMA_UNITS, "lanes": lanes, "clock_ghz": ghz, "clock_source": clock_source, "peak_flops": peak}
 
 
 def autocast_context(device_type, dtype):
