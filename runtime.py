@@ -1,8 +1,8 @@
 """
 What every entry point shares at run time: the device, the distributed setup under torchrun, precision (autocast,
 and what this CPU runs natively: cpu_facts), the CPU malloc setting, gradient sync and the FSDP helpers, the
-learning-rate schedule, catching SIGINT/SIGTERM, and the metrics log. train.py, scaffold.py, sample.py, serve.py, evaluate.py and bench.py import it; it imports
-no project module but errors.py, so every one of them can.
+learning-rate schedule, catching SIGINT/SIGTERM, and the metrics log. train.py, scaffold.py, sample.py, serve.py,
+evaluate.py and bench.py import it; it imports no project module but errors.py, so every one of them can.
 """
 
 import ctypes
