@@ -63,7 +63,8 @@ from errors import GPTLabError, one_line_errors  # noqa: E402
 SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing", "sample", "int8", "serve",
             "lora_memory")
 NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
-EXTRA_SECTIONS = ("compile_tiny", "train_gpu")  # opt-in: torch.compile on CPU (slow to compile), GPU only
+# opt-in: torch.compile on CPU (slow to compile), activation checkpointing at block 1024 (~15 min), GPU only
+EXTRA_SECTIONS = ("compile_tiny", "act_ckpt", "train_gpu")
 REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
 TINY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)  # nanoGPT's shakespeare_char CPU shape
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
@@ -1050,6 +1051,47 @@ def section_lora_memory(ws, args):
                 f"vs {med['full']['step_mb']:,.0f} MB ({step_ratio:.2f}x)")], res
 
 
+def act_ckpt_shapes():
+    """{name: (shape, bias, batch_size)}: GPT-2 124M at batch 8, and the 250M_1024 presets' shape (read from the
+    preset, so it stays theirs) at batch 4 (the preset's 16 would need ~20 GB without checkpointing); block 1024."""
+    with open(os.path.join(ROOT, "configs", "250M_1024_pretrain.json")) as f:
+        preset = json.load(f)
+    return {"124M": (GPT2_124M, True, 8),
+            "250M_1024": ({k: preset[k] for k in ("n_layer", "n_head", "n_embd")}, preset["bias"], 4)}
+
+
+def section_act_ckpt(ws, args):
+    """Activation checkpointing (train.py's activation_checkpointing: true): peak memory and seconds of one forward +
+    backward at block 1024, with and without, fp32 (where the two losses must agree), each with train.py's CPU
+    malloc setting for it (runtime.keep_freed_memory: large blocks mapped apart with checkpointing). Memory: one
+    fresh process per figure (weights and gradients included). Speed: both in the "without" process, after its
+    memory step, one warm step each (a step here is minutes: one repeat). ~15 min on one thread."""
+    rows, res = [], {}
+    for name, (shape, _, B) in act_ckpt_shapes().items():
+        spec = {"kind": "act_ckpt", "shape": name, "time": False}
+        off = probe(dict(spec, on=False, time=True), timeout=3600)
+        on = probe(dict(spec, on=True), timeout=3600)
+        ratio = on["peak_mb"] / off["peak_mb"]
+        slower = off["seconds"]["on"] / off["seconds"]["off"]
+        loss_diff = abs(on["loss"] - off["loss"])
+        res[name] = {"off": off, "on": on, "peak_ratio": ratio, "time_ratio": slower, "loss_diff": loss_diff}
+        what = (f"activation checkpointing, {name} {shape['n_layer']}x{shape['n_embd']}, batch {B} x 1024, fp32 "
+                f"(CPU): ")
+        target = "<= 0.5x" if name == "124M" else "(reported)"
+        rows.append(row(what + "peak memory of a forward + backward", f"{on['peak_mb']:,.0f} MB",
+                        f"{off['peak_mb']:,.0f} MB (without)", f"{ratio:.2f}x", target,
+                        ratio <= 0.5 if name == "124M" else None,
+                        f"fresh process, weights and gradients included; the step alone: {on['step_mb']:,.0f} vs "
+                        f"{off['step_mb']:,.0f} MB ({on['step_mb'] / off['step_mb']:.2f}x)"))
+        rows.append(row(what + "seconds per forward + backward", f"{off['seconds']['on']:.1f} s",
+                        f"{off['seconds']['off']:.1f} s (without)", f"{slower:.2f}x", "(reported)", None,
+                        f"CPU time {off['cpu_seconds']['on']:.1f} vs {off['cpu_seconds']['off']:.1f} s"))
+        rows.append(row(what + "loss, with vs without", f"{on['loss']:.6f}", f"{off['loss']:.6f}",
+                        f"diff {loss_diff:.1e}", "<= 1e-5", loss_diff <= 1e-5,
+                        f"gradient norm {on['grad_norm']:.6f} vs {off['grad_norm']:.6f}"))
+    return rows, res
+
+
 def section_train_gpu(ws, args):
     """On CUDA: the 124M shape at block 1024 in bf16, ours compiled (train.py's default there) vs transformers
     (bf16 autocast, sdpa) as it comes and compiled too, tokens/s, MFU against the GPU's bf16 peak, peak memory."""
@@ -1133,6 +1175,8 @@ def run_probe(spec):
             GPT2LMHeadModel.from_pretrained(spec["hf_dir"])
         print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": peak_rss_mb() - base}))
         return
+    if spec["kind"] == "act_ckpt":
+        return act_ckpt_probe(spec)
     shape, B, T = (TINY, TINY["batch_size"], TINY["block_size"]) if spec["shape"] == "tiny" else (GPT2_124M, 4, 256)
     setting = spec["setting"]
     if setting == "auto":
@@ -1165,6 +1209,43 @@ def run_probe(spec):
         step()
     step_mb = peak_rss_mb() - built
     print(json.dumps({"peak_mb": max(built_peak, built - base + step_mb), "step_mb": step_mb}))
+
+
+def act_ckpt_probe(spec):
+    """section_act_ckpt's fresh process: the model built (seeded), then one fp32 forward + backward with or without
+    activation checkpointing, its peak RSS (above the size after the imports: weights and gradients included; and
+    above the built model: the step's own), loss and gradient norm; with "time", then one warm step each way."""
+    import gc
+    from runtime import forward_backward, keep_freed_memory
+    shape, bias, B = act_ckpt_shapes()[spec["shape"]]
+    keep_freed_memory(map_large_blocks=spec["on"])  # before the model is built, as train.py sets it
+    # a throwaway checkpointed step of a 1-layer model first: lazy imports and one-time allocations are not the
+    # model's memory
+    small = our_model(dict(n_layer=1, n_head=1, n_embd=16), 64, 8, bias).set_activation_checkpointing(True)
+    forward_backward(small, [random_batches(64, 1, 8)()], False)
+    del small
+    gc.collect()
+    base = reset_peak_rss()
+    torch.manual_seed(0)
+    model = our_model(shape, 50304, 1024, bias)
+    batch = random_batches(50304, B, 1024)()
+
+    def step(on):
+        keep_freed_memory(map_large_blocks=on)  # train.py's malloc setting for each (runtime.keep_freed_memory)
+        model.set_activation_checkpointing(on)
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        return forward_backward(model, [batch], False)
+    built = reset_peak_rss()
+    loss = step(spec["on"])
+    step_mb = peak_rss_mb() - built
+    out = {"peak_mb": built - base + step_mb, "step_mb": step_mb, "loss": loss,
+           "grad_norm": math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in model.parameters()))}
+    if spec["time"]:
+        med, samples = interleaved({"on": lambda: step(True), "off": lambda: step(False)}, repeats=1, warmup=0)
+        out["seconds"] = med
+        out["cpu_seconds"] = {k: v["cpu"][0] for k, v in samples.items()}
+    print(json.dumps(out))
 
 
 # ---------------------------------------------------------------------------------------------------------------

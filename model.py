@@ -7,6 +7,8 @@ Face checkpoint is a plain key map (convert_hf.py). Two flags live on the model 
   bos_scaling_factor, in training, evaluation and generation alike (the KV cache never rescales a new token);
 - the explicit attention path (attn_out=[]): attention weights are computed by hand and handed back, because the
   fused SDPA kernel returns none. Used by evaluate.py --attention; training always takes the fused kernel.
+Activation checkpointing (set_activation_checkpointing; train.py's activation_checkpointing) is an attribute of the
+model, not a GPTConfig field: checkpoints store GPTConfig as the architecture, and this is a training setting.
 Packed rows (data.PackedLoader): forward also takes position_ids, which restart at 0 for every conversation, and
 doc_ids, from which one DocumentMask (block-diagonal causal) is built per forward and shared by every layer; a
 conversation in a packed row then computes exactly what it computes alone. BOS zero scales every position 0.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # FlexAttention (torch >= 2.5): on CUDA under torch.compile it skips the blocks a packed row's mask rules out
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -249,10 +252,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 gc = logp.exp_().mul_(wt[:, None])  # (c, V)
                 gc.scatter_add_(1, t[:, None], -wt[:, None])
                 g[s:s + chunk] = gc
+                del logits, logp, gc  # freed before the next chunk's are made, not after
             grad_x[r:r + group] = g @ w  # (n, V) @ (V, C) -> (n, C)
             if ctx.needs_input_grad[1]:
                 gw = g.t() @ xg  # (V, n) @ (n, C) -> (V, C)
                 grad_w = gw.to(lm_weight.dtype) if grad_w is None else grad_w.add_(gw)  # summed in lm_weight's dtype
+                del gw
+            # Footgun: without this the next group's g (and gw) is allocated while this one is still referenced:
+            # two of each alive at once, +400 MB at GPT-2's vocabulary in fp32 (a checkpointed 124M step's peak at 4 x 1024)
+            del g
         ctx.save_for_backward(grad_x, grad_w)
         return total
 
@@ -295,6 +303,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        # a training setting, not architecture: kept off GPTConfig, whose fields checkpoints store as model_args
+        self.activation_checkpointing = False  # set_activation_checkpointing
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -357,8 +367,12 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         x = self.embed(idx, start, position_ids)
         doc_mask = DocumentMask(doc_ids) if doc_ids is not None else None  # once per batch, not per layer
+        recompute = self._checkpointing(kv_cache, attn_out)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i, attn_out, doc_mask)
+            if recompute:  # keep only the block's input; backward runs the block again for the rest
+                x = checkpoint(block, x, None, i, None, doc_mask, use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, kv_cache, i, attn_out, doc_mask)
         if kv_cache is not None:
             kv_cache.pos += idx.size(1)
         x = self.transformer.ln_f(x)
@@ -378,6 +392,24 @@ class GPT(nn.Module):
         if targets is not None:
             loss = cross_entropy_loss(logits, targets, loss_mask, loss_reduction)
         return logits, loss
+
+    def set_activation_checkpointing(self, on=True):
+        """Activation checkpointing: in training, each block keeps only its (B, T, C) input for backward, which
+        runs the block's forward again to get the rest (torch.utils.checkpoint, non-reentrant). Activation memory
+        drops from ~20 (B, T, C) tensors per layer to one, for one more forward of the blocks: GPT-2 124M at batch
+        8 x 1024 (fp32, CPU) peaks at 0.23x the memory, the step takes 1.14x the time, the loss is bit-identical
+        (bench.py act_ckpt; tests/test_activation_checkpointing.py). On CPU train.py pairs it with its own malloc
+        setting (runtime.keep_freed_memory)."""
+        self.activation_checkpointing = bool(on)
+        return self
+
+    def _checkpointing(self, kv_cache, attn_out):
+        """Recompute the blocks in this forward? Only when backward will follow (training, grad on), never with a
+        KV cache (the recompute would write the cache twice) or attention weights to hand back (appended twice).
+        Dropout replays the same masks in the recompute: checkpoint saves and restores the RNG state (its
+        preserve_rng_state default; keep it: other masks would make the gradients those of another forward)."""
+        return (self.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+                and attn_out is None)
 
     def set_dropout(self, p):
         """Change the dropout of every layer (fine-tuning with other settings than the base was trained with)."""

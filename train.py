@@ -297,7 +297,7 @@ def setup_process(run):
     np.random.seed(cfg.seed + run.rank)
     random.seed(cfg.seed + run.rank)
     if run.device_type == "cpu":
-        keep_freed_memory()
+        keep_freed_memory(map_large_blocks=cfg.activation_checkpointing)
     if run.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere+ at no visible loss cost
         torch.backends.cudnn.allow_tf32 = True
@@ -365,6 +365,9 @@ def setup_model(run, ckpt):
     model = run.raw_model
     model.config.use_bos_zero_training = cfg.use_bos_zero_training
     model.config.bos_scaling_factor = cfg.bos_scaling_factor
+    model.set_activation_checkpointing(cfg.activation_checkpointing)  # a model attribute: survives XGBLoRA's merges
+    if cfg.activation_checkpointing:
+        run.log("activation checkpointing: each block's activations are recomputed in backward")
     if cfg.finetuning_type == "xgblora" and cfg.lora_rank != 1 and ckpt is None:
         run.log(f"warning: finetuning_type xgblora trains rank-1 boosters; lora_rank {cfg.lora_rank} is ignored")
     if run.fsdp:

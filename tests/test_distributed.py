@@ -180,3 +180,20 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_exactly(sample_chat, single
     model, _, _ = load_model("fsdp", out_dir=out)  # plain, unsharded, strict load (tied lm_head included)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert not any(".tmp" in f for f in os.listdir(os.path.join(out, "fsdp")))
+
+
+def test_activation_checkpointing_under_ddp_and_fsdp_equals_one_process_without(sample_chat, single_process, tmp_path):
+    """activation_checkpointing: true on 2 ranks, DDP (spawned as torchrun would) and FSDP (through the real
+    launcher; each block is its own FSDP unit, so its weights are gathered again for the recompute): the same
+    losses, evaluations and weights as the single process without checkpointing."""
+    ref_dir, ref_name = single_process
+    out, reports = str(tmp_path / "ckpt"), tmp_path / "reports"
+    reports.mkdir()
+    cfg = overrides(sample_chat, out, "ddp_ac", activation_checkpointing=True)
+    mp.spawn(ddp_worker, args=(free_port(), cfg, str(reports)), nprocs=WORLD, join=True)
+    assert_same_run(out, "ddp_ac", ref_dir, ref_name)
+    assert any("activation checkpointing" in line for line in json.loads((reports / "rank0.json").read_text())["logged"])
+    r = torchrun(*cli(overrides(sample_chat, out, "fsdp_ac", fsdp=True, activation_checkpointing=True)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "activation checkpointing" in r.stdout
+    assert_same_run(out, "fsdp_ac", ref_dir, ref_name)
