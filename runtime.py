@@ -45,7 +45,7 @@ def add_model_arguments(p, dtype=True):
     if dtype:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                        help="auto: bf16 autocast where train.py uses it (CUDA, CPUs with native bf16 matmuls), else "
-                            "fp32; int8: weight-only int8 on the CPU (decode_weights.py), about 2-3x fp32's speed")
+                            "fp32; int8: weight-only int8 on the CPU (decode_weights.py), about 1.6x fp32's speed at batch 1")
 
 
 def device_type_of(device):
