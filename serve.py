@@ -13,7 +13,7 @@ request that arrives while others generate joins the batch at the next step. The
 only parses, hands requests to that thread through a queue and streams back what it reports. Greedy replies
 (temperature 0) are sample.py's for the same model and --dtype: the same chat template, BOS and stop rules.
 On the CPU the weights are laid out for decoding (decode_weights.py): fp32 packed for the batch size, or
---dtype int8 (weight-only int8: 1.7x fp32 for one stream, bench.py).
+--dtype int8 (weight-only int8: 1.6x fp32 for one stream, bench.py).
 """
 
 import argparse
