@@ -23,6 +23,16 @@ def run_cli(*args, cwd=ROOT, timeout=300, env=None):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: one thread is as fast, and it does not stall when the machine's cores are busy. A module opts in
+    with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shakespeare_char(tmp_path_factory):
     """The first 200 kB of tinyshakespeare, prepared with the char tokenizer (text format)."""

@@ -19,13 +19,7 @@ from runtime import forward_backward
 TOL = 1e-6  # fp32; in practice the two agree to the last bit or two
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is as fast, and it does not stall when the machine's cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny shapes
 
 
 def tiny(dropout=0.0, **kw):

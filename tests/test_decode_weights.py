@@ -18,12 +18,7 @@ TOK = Tokenizer.char_from_texts(["abcdefghijklmnopqrstuvwxyz .,!?"])
 needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny shapes
 
 
 def tiny(seed=0, bias=True):

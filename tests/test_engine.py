@@ -11,13 +11,7 @@ from tokenizer import Tokenizer
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread is as fast, and it does not stall when the machine's cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny shapes
 
 
 TOK = Tokenizer.char_from_texts(["abcdefghijklmnopqrstuvwxyz .,!?"])

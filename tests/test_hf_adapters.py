@@ -40,13 +40,7 @@ SMALL = dict(block_size=64, batch_size=4, eval_iters=1, log_interval=1, warmup_i
 TARGET_SETS = {"whole": ["c_attn", "mlp.c_proj"], "qv": ["q", "v"], "mix": ["k", "attn.c_proj"], "all": "all"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread is as fast, and does not stall when the machine's cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny shapes
 
 
 @pytest.fixture(scope="module")

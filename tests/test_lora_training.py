@@ -36,14 +36,7 @@ SMALL = dict(block_size=64, batch_size=4, eval_iters=2, log_interval=1, warmup_i
 LORA = dict(finetuning_type="lora", lora_rank=8, lora_alpha=16.0, lora_target="all")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread is as fast, and it does not stall when the machine's cores are busy. Module scope:
-    it must already hold while the module-scoped lora_run trains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny shapes
 
 
 def sha256_of(folder):

@@ -21,13 +21,7 @@ SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_i
              warmup_iters=2, learning_rate=3e-3, min_lr=3e-4, finetuning_type="xgblora")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is as fast, and it does not stall when the machine's cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny shapes
 
 
 def run(tmp_path, dataset, **overrides):
