@@ -7,6 +7,7 @@ the same run, printed as a markdown table.
     python bench.py --threads 1 --json bench.json     # one thread (steadier on a shared machine); raw figures too
     python bench.py --quick                           # fewer repeats and tokens: a smoke run, noisier figures
     python bench.py --sections train_gpu              # on a CUDA GPU: 124M at block 1024, bf16 + compile, MFU
+    python bench.py --sections classic --nanogpt_dir path/to/nanoGPT   # nanoGPT's classic CPU run, its train.py too
     python bench.py --all_dtypes                      # time bf16 candidates even where this CPU only emulates bf16
 
 Machines are noisy (other jobs share the cores), so no figure is compared with one taken at another time: every
@@ -43,6 +44,7 @@ import collections
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -63,8 +65,9 @@ from errors import GPTLabError, one_line_errors  # noqa: E402
 SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing", "sample", "int8", "serve",
             "lora_memory")
 NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
-# opt-in: torch.compile on CPU (slow to compile), activation checkpointing at block 1024 (~15 min), GPU only
-EXTRA_SECTIONS = ("compile_tiny", "act_ckpt", "train_gpu")
+# opt-in: nanoGPT's classic run against its own train.py (needs --nanogpt_dir, ~10 min), torch.compile on CPU (slow
+# to compile), activation checkpointing at block 1024 (~15 min), GPU only
+EXTRA_SECTIONS = ("classic", "compile_tiny", "act_ckpt", "train_gpu")
 REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
 TINY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)  # nanoGPT's shakespeare_char CPU shape
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
@@ -587,6 +590,69 @@ def section_packing(ws, args):
                                                                         ("packed", "random windows")])))
     res["tokens_per_s"] = {f"{n} {k}": v for n, r in list(res.items()) for k, v in r["tokens_per_s"].items()}
     return rows, res
+
+
+CLASSIC_ITERS = {"quick": 300, "full": 2000}  # the classic run's iterations: its README's 2000, or --quick's
+NANOGPT_CLASSIC = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                   "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]  # its README's CPU run
+
+
+def nanogpt_workspace(ws, nanogpt_dir):
+    """A copy of the user's nanoGPT checkout (its scripts, not its outputs) with tinyshakespeare prepared by its own
+    data/shakespeare_char/prepare.py, which reads input.txt when it is there instead of downloading it."""
+    import shutil
+    if not os.path.isfile(os.path.join(nanogpt_dir or "", "config", "train_shakespeare_char.py")):
+        raise BenchError(f"--nanogpt_dir {nanogpt_dir!r}: not a nanoGPT checkout (no config/train_shakespeare_char.py); "
+                         f"the classic section runs karpathy/nanoGPT's own train.py: git clone it and pass its folder")
+    out = os.path.join(ws.tmp, "nanogpt")
+    for name in ("train.py", "model.py", "configurator.py", "config", "data/shakespeare_char/prepare.py"):
+        src, dst = os.path.join(nanogpt_dir, name), os.path.join(out, name)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+    data = os.path.join(out, "data", "shakespeare_char")
+    shutil.copy(ws.corpus("tinyshakespeare.txt"), os.path.join(data, "input.txt"))
+    subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+    return out
+
+
+def whole_run(cmd, cwd):
+    """Run a training process to its end: (wall seconds from start to exit, the last "val loss X" it printed)."""
+    t = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    seconds = time.perf_counter() - t
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, cmd[:3]))} failed: {done.stderr.strip()[-500:]}")
+    losses = re.findall(r"val loss ([0-9.]+)", done.stdout + done.stderr)
+    return seconds, float(losses[-1]) if losses else float("nan")
+
+
+def section_classic(ws, args):
+    """nanoGPT's classic CPU run, the one its README gives for a laptop (shakespeare_char, 4 x 128, block 64,
+    batch 12, eval_iters 20, no dropout, 2000 iterations), each whole process timed from start to exit: our
+    train.py (configs/shakespeare_char.json, the same settings, dtype auto) against nanoGPT's own train.py run from
+    a copy of --nanogpt_dir (fp32 on the CPU), alternating, two runs each; and the last val loss each printed."""
+    iters = CLASSIC_ITERS["quick" if args.quick else "full"]
+    nano = nanogpt_workspace(ws, args.nanogpt_dir)
+    ours_cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config_file", "configs/shakespeare_char.json",
+                "--dataset_dir", ws.shakespeare_char(), "--out_dir", os.path.join(ws.tmp, "classic"),
+                "--eval_iters", "20", "--max_iters", str(iters), "--lr_decay_iters", str(iters)]
+    nano_cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CLASSIC,
+                f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--out_dir=" + os.path.join(ws.tmp, "classic_nano")]
+    runs = {"ours": [], "nanoGPT": []}
+    for _ in range(1 if args.quick else 2):
+        runs["ours"].append(whole_run(ours_cmd, ROOT))
+        runs["nanoGPT"].append(whole_run(nano_cmd, nano))
+    secs = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
+    loss = {k: v[-1][1] for k, v in runs.items()}
+    ratio = secs["nanoGPT"] / secs["ours"]
+    each = "; ".join(f"{k} " + " / ".join(f"{s:.1f} s" for s, _ in v) for k, v in runs.items())
+    what = f"classic shakespeare_char run, {iters} iterations, whole process (CPU, dtype auto = {auto_dtype()})"
+    rows = [row(f"{what}: wall time", f"{secs['ours']:.1f} s", f"{secs['nanoGPT']:.1f} s (nanoGPT)", f"{ratio:.2f}x",
+                ">= 1.2x", ratio >= 1.2, each),
+            row(f"{what}: last val loss", f"{loss['ours']:.4f}", f"{loss['nanoGPT']:.4f} (nanoGPT)", "",
+                "<= 1.90" if iters == 2000 else "(reported)", loss["ours"] <= 1.90 if iters == 2000 else None)]
+    return rows, {"seconds_each": runs, "speedup": ratio, "val_loss": loss}
 
 
 def section_compile_tiny(ws, args):
@@ -1287,6 +1353,8 @@ def main(argv=None):
     p.add_argument("--corpus_dir", default=os.path.join(SHARED, "corpora"))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--gpu_batch_size", type=int, default=16)
+    p.add_argument("--nanogpt_dir", default=None,
+                   help="a clone of karpathy/nanoGPT, for the classic section (its own train.py is the reference)")
     p.add_argument("--all_dtypes", action="store_true",
                    help="time bf16 candidates even on a CPU that only emulates bf16 (no avx512_bf16/amx_bf16): slow")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one fresh-process measurement

@@ -2,11 +2,16 @@
 rule and where its clock comes from, the caps ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / GPTLAB_CPU_FLAGS put on
 the flags, and the rule that skips bf16 candidates on a CPU that only emulates bf16."""
 
+import argparse
+import json
+import os
+
 import pytest
 import torch
 
 import bench
 import runtime
+from conftest import SHAKESPEARE
 
 
 def cpuinfo(model, vendor, family, flags, mhz="2600.000", cores=2, smt=1):
@@ -118,3 +123,52 @@ def test_flops_column_shows_each_sides_share_of_its_dtypes_peak():
     table = bench.markdown(rows, "h").splitlines()
     assert table[2].endswith("| GFLOP/s (% of CPU peak) ours / ref |") and table[4].endswith(f"| {cell} |")
     assert "GFLOP/s" not in bench.markdown(rows[1:], "h")
+
+
+FAKE_NANOGPT_TRAIN = """import json, sys
+with open("argv.json", "w") as f:
+    json.dump(sys.argv[1:], f)
+open("data/shakespeare_char/train.bin", "rb").close()  # prepared by its own prepare.py, from the given input.txt
+print("step 60: train loss 2.5000, val loss 2.6000")
+"""
+FAKE_NANOGPT_PREPARE = """import os
+assert os.path.getsize("input.txt") > 1_000_000  # tinyshakespeare, never downloaded
+open("train.bin", "wb").close()
+"""
+
+
+def fake_nanogpt(root):
+    """A folder laid out like a karpathy/nanoGPT checkout, whose train.py records its flags and prints a val loss."""
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "train_shakespeare_char.py").write_text("batch_size = 64\n")
+    (root / "data" / "shakespeare_char").mkdir(parents=True)
+    (root / "data" / "shakespeare_char" / "prepare.py").write_text(FAKE_NANOGPT_PREPARE)
+    (root / "train.py").write_text(FAKE_NANOGPT_TRAIN)
+    for name in ("model.py", "configurator.py"):
+        (root / name).write_text("")
+    return root
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_classic_section_runs_our_train_py_and_nanogpts_own_at_its_readme_settings(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.CLASSIC_ITERS, "quick", 60)
+    if not os.path.exists(SHAKESPEARE):
+        pytest.skip("needs ../shared/corpora/tinyshakespeare.txt")
+    args = argparse.Namespace(quick=True, nanogpt_dir=str(fake_nanogpt(tmp_path / "nanoGPT")))
+    ws = bench.Workspace(str(tmp_path / "ws"), os.path.dirname(SHAKESPEARE))
+    rows, res = bench.section_classic(ws, args)
+    with open(tmp_path / "ws" / "nanogpt" / "argv.json") as f:
+        argv = json.load(f)
+    assert argv[0] == "config/train_shakespeare_char.py" and set(bench.NANOGPT_CLASSIC) <= set(argv)
+    assert "--max_iters=60" in argv and "--lr_decay_iters=60" in argv
+    assert res["val_loss"]["nanoGPT"] == 2.6
+    assert 2.0 < res["val_loss"]["ours"] < 4.0  # 60 real iterations from ln(65) = 4.17
+    (ours_s, _), = res["seconds_each"]["ours"]
+    (nano_s, _), = res["seconds_each"]["nanoGPT"]
+    assert res["speedup"] == pytest.approx(nano_s / ours_s) and rows[0]["ratio"] == f"{nano_s / ours_s:.2f}x"
+
+
+def test_classic_section_without_a_nanogpt_checkout_says_what_to_pass(tmp_path):
+    args = argparse.Namespace(quick=True, nanogpt_dir=None)
+    with pytest.raises(bench.BenchError, match="--nanogpt_dir None: not a nanoGPT checkout"):
+        bench.section_classic(bench.Workspace(str(tmp_path), str(tmp_path)), args)
