@@ -4,6 +4,7 @@ And does loss masking help? (docs/chat_sft_experiment.md)
 
     python -m experiments.chat_sft                  # from the project root: tiny_sft.json twice, masking on and off
     python -m experiments.chat_sft --max_iters 500  # quicker, rougher
+    python -m experiments.chat_sft --skip_unmasked --config_file configs/quickstart_sft.json   # the quick start's model
     python -m experiments.chat_sft --context_chars 256   # the same conversations, each behind a passage of prose
 
 --context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice, Project
@@ -102,7 +103,7 @@ def context_data(args, root, lines):
 
 def pretrain_base(args, root, lines, chat_dir, name):
     """Pretrain `name` on the first 90% of the prose `lines`, in the chat data's vocabulary (other characters
-    dropped), with tiny_sft's shape and schedule."""
+    dropped), with the SFT preset's shape and schedule."""
     import prepare_dataset
     vocab = set(Tokenizer.load(os.path.join(chat_dir, "tokenizer_state.json")).chars)
     text_file = os.path.join(root, "pretrain.txt")
@@ -111,9 +112,9 @@ def pretrain_base(args, root, lines, chat_dir, name):
     data_dir = os.path.join(root, "pretrain_data")
     prepare_dataset.prepare([text_file], data_dir, fmt="text", tokenizer_from=chat_dir)
     n = args.pretrain_iters
-    cfg = load_config("configs/tiny_sft.json", {"model_name": name, "use_loss_mask": False, "dataset_dir": data_dir,
-                                                 "out_dir": args.out_dir, "max_iters": n, "lr_decay_iters": n,
-                                                 "eval_interval": max(1, n // 4)})
+    cfg = load_config(args.config_file, {"model_name": name, "use_loss_mask": False, "dataset_dir": data_dir,
+                                         "out_dir": args.out_dir, "max_iters": n, "lr_decay_iters": n,
+                                         "eval_interval": max(1, n // 4)})
     summary = train(cfg, log=lambda line: print(f"[{name}] {line}"))
     return summary["val_loss"]
 
@@ -187,7 +188,7 @@ def run(name, use_loss_mask, args, dataset_dir, heldout, base=None, packing=Fals
         overrides["dataset_dir"] = dataset_dir
     if args.max_iters:
         overrides.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters, eval_interval=args.max_iters // 5)
-    cfg = load_config("configs/tiny_sft.json", overrides)
+    cfg = load_config(args.config_file, overrides)
     evals = []
     summary = train(cfg, log=lambda line: (print(f"[{name}] {line}"), evals.append(line) if line.startswith("step ") else None))
     model, tok, ckpt = load_model(name, args.out_dir)
@@ -212,6 +213,8 @@ def label(r):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_file", default="configs/tiny_sft.json",
+                   help="the SFT preset every run trains (configs/quickstart_sft.json: the README's first command)")
     p.add_argument("--max_iters", type=int, default=0, help="0: the preset's (2000)")
     p.add_argument("--out_dir", default="checkpoints")
     p.add_argument("--skip_unmasked", action="store_true", help="only the masked run (the main job)")
@@ -240,7 +243,7 @@ def main():
         names = (prefix, prefix + "_unmasked")
     else:
         # the shipped conversations, prepared (again, if made before conversation starts were recorded) as train.py does
-        dataset_dir = resolve_dataset(load_config("configs/tiny_sft.json", {"packing": True}), print)
+        dataset_dir = resolve_dataset(load_config(args.config_file, {"packing": True}), print)
         heldout = read_records(HELDOUT)
         names = ("chat_tiny", "chat_tiny_unmasked")
     results = [run(names[0], True, args, dataset_dir, heldout, base)]
