@@ -2,7 +2,7 @@
 Benchmarks: training, sampling, data preparation, data loading and conversion, each against a reference timed in
 the same run, printed as a markdown table.
 
-    python bench.py                                   # every CPU section (about 15 minutes on 2 quiet cores)
+    python bench.py                                   # every CPU section (each prints the seconds it took)
     python bench.py --sections train_tiny,loader      # some of them: names in SECTIONS below
     python bench.py --threads 1 --json bench.json     # one thread (steadier on a shared machine); raw figures too
     python bench.py --quick                           # fewer repeats and tokens: a smoke run, noisier figures

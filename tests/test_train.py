@@ -38,7 +38,7 @@ def test_end_to_end_chat_prepare_train_sample(tmp_path):
                 "--tokenization", "char")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "ckpt"
-    r = run_cli("train.py", "--config_file", "configs/tiny_sft.json", "--dataset_dir", str(data), "--out_dir", str(out),
+    r = run_cli("train.py", "--config_file", "configs/quickstart_sft.json", "--dataset_dir", str(data), "--out_dir", str(out),
                 "--model_name", "e2e", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--max_iters", "60",
                 "--eval_interval", "30", "--eval_iters", "4", "--batch_size", "8", "--log_interval", "10")
     assert r.returncode == 0, r.stderr
