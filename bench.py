@@ -108,6 +108,19 @@ def interleaved(fns, repeats, inner=1, warmup=1, device="cpu"):
     return {k: statistics.median(v["wall"]) for k, v in samples.items()}, samples
 
 
+def whole_run(cmd, cwd, what):
+    """Run a training process (train.py, nanoGPT's) to its end with this process's thread count: (wall seconds
+    from start to exit, the last "val loss X" it printed). what: the BenchError's words if it fails."""
+    t = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    seconds = time.perf_counter() - t
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed: {done.stderr.strip()[-500:]}")
+    losses = re.findall(r"val loss ([0-9.]+)", done.stdout + done.stderr)
+    return seconds, float(losses[-1]) if losses else float("nan")
+
+
 def fastest(rates, side, attention=""):
     """The fastest candidate of one side ("ours" / "transformers"), optionally only those with that attention."""
     return max((k for k in rates if k.startswith(side) and k.endswith(attention)), key=rates.get)
@@ -615,18 +628,6 @@ def nanogpt_workspace(ws, nanogpt_dir):
     return out
 
 
-def whole_run(cmd, cwd):
-    """Run a training process to its end: (wall seconds from start to exit, the last "val loss X" it printed)."""
-    t = time.perf_counter()
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-    seconds = time.perf_counter() - t
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(map(str, cmd[:3]))} failed: {done.stderr.strip()[-500:]}")
-    losses = re.findall(r"val loss ([0-9.]+)", done.stdout + done.stderr)
-    return seconds, float(losses[-1]) if losses else float("nan")
-
-
 def section_classic(ws, args):
     """nanoGPT's classic CPU run, the one its README gives for a laptop (shakespeare_char, 4 x 128, block 64,
     batch 12, eval_iters 20, no dropout, 2000 iterations), each whole process timed from start to exit: our
@@ -641,8 +642,8 @@ def section_classic(ws, args):
                 f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--out_dir=" + os.path.join(ws.tmp, "classic_nano")]
     runs = {"ours": [], "nanoGPT": []}
     for _ in range(1 if args.quick else 2):
-        runs["ours"].append(whole_run(ours_cmd, ROOT))
-        runs["nanoGPT"].append(whole_run(nano_cmd, nano))
+        runs["ours"].append(whole_run(ours_cmd, ROOT, "our train.py (classic run)"))
+        runs["nanoGPT"].append(whole_run(nano_cmd, nano, "nanoGPT's train.py (classic run)"))
     secs = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
     loss = {k: v[-1][1] for k, v in runs.items()}
     ratio = secs["nanoGPT"] / secs["ours"]
@@ -858,10 +859,7 @@ def section_int8(ws, args):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, flags), "--model_name", name, "--out_dir", out,
                "--eval_interval", str(iters), "--eval_iters", "5", "--log_interval", str(max(1, iters // 5))]
         t = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-        if done.returncode != 0:
-            raise BenchError(f"training the {name} model for the int8 section failed: {done.stderr.strip()[-500:]}")
+        whole_run(cmd, ROOT, f"training the {name} model for the int8 section")
         r = int8_cost(name, out, flags[flags.index("--dataset_dir") + 1], n_batches=10 if args.quick else 40,
                       n_new=64 if args.quick else 256)
         r["train_seconds"] = time.perf_counter() - t
