@@ -242,7 +242,8 @@ def achieved(cpu, flops_per_token, candidates):
     return " / ".join(cells)
 
 
-MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+MATMUL_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten.baddbmm.default)  # baddbmm: model.explicit_attention_weights
 # the rest of the arithmetic any GPT-2 step runs, however it is written: its tanh GELU, its layer norms and the
 # loss's log-softmax over the vocabulary, forward and backward (PyTorch's kernels for each)
 GPT2_OPS = (torch.ops.aten.gelu.default, torch.ops.aten.gelu_backward.default, torch.ops.aten.native_layer_norm.default,

@@ -48,6 +48,7 @@ class TrainConfig:
     vocab_size: int = 0  # 0 = from the dataset's tokenizer (gpt2: 50257 padded to 50304)
     dropout: float = 0.0
     bias: bool = False
+    activation_function: str = "gelu_new"  # gelu_new: GPT-2's tanh GELU | gelu: exact, nanoGPT's (2x-3x faster on AVX2 CPUs)
     # --- data and loss ---
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
@@ -154,6 +155,7 @@ def validate(cfg, where="config"):
     need(cfg.zo_eps > 0, "zo_eps", "must be > 0")
     need(0.0 <= cfg.bos_scaling_factor <= 1.0, "bos_scaling_factor", "must lie in [0, 1]")
     choices = {"finetuning_type": ("full", "lora", "xgblora"), "trainer": ("regular", "zo"),
+               "activation_function": ("gelu_new", "gelu"),
                "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16", "float16"),
                "backend": ("auto", "nccl", "gloo")}
     for key, allowed in choices.items():

@@ -11,8 +11,9 @@ The two models compute the same function; only the storage differs:
   export cuts them off again.
 - GPT-2 ties lm_head to wte; so do we. HF files may hold lm_head.weight as a copy or leave it out.
 - HF also stores attn.bias / attn.masked_bias in older files: causal-mask buffers, not weights. Ignored.
-Only exact GPT-2: the tanh-approximated GELU (gelu_new / gelu_pytorch_tanh), layer norm eps 1e-5 (model.py
-hardcodes it), 4 * n_embd MLP, plain 1/sqrt(hs) attention scaling. Anything else is refused, not approximated.
+Only GPT-2's architecture: the tanh-approximated GELU (gelu_new / gelu_pytorch_tanh) or the exact one (gelu: a model
+trained here with activation_function gelu), layer norm eps 1e-5 (model.py hardcodes it), 4 * n_embd MLP, plain
+1/sqrt(hs) attention scaling. Anything else is refused, not approximated.
 """
 
 import copy
@@ -38,6 +39,8 @@ TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D in HF: weights transposed
 NORMS = ("ln_1", "ln_2")
 HF_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers in older HF files
+# HF's activation_function names -> ours (model.ACTIVATIONS); gelu_pytorch_tanh is gelu_new with a fused kernel
+HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "openai-community/gpt2"
 
 
@@ -98,10 +101,11 @@ def read_hf_config(hf_dir):
     cfg.setdefault("n_embd", 768)
     cfg.setdefault("n_layer", 12)
     cfg.setdefault("n_head", 12)
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    act = cfg.setdefault("activation_function", "gelu_new")
+    if act not in HF_ACTIVATIONS:
         raise InputError(f"{path}: activation_function is '{act}', but model.py implements only GPT-2's tanh GELU "
-                         f"(gelu_new / gelu_pytorch_tanh); converting would silently change the model")
+                         f"(gelu_new / gelu_pytorch_tanh) and the exact one (gelu); converting would silently change "
+                         f"the model")
     eps = cfg.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
         raise InputError(f"{path}: layer_norm_epsilon is {eps}, but model.py hardcodes GPT-2's 1e-5")
@@ -253,7 +257,8 @@ def load_hf_gpt2(hf_dir_or_id, device="cpu"):
     state = hf_to_gpt_state(hf_state, cfg, where)
     del hf_state
     gconf = GPTConfig(block_size=cfg["n_positions"], vocab_size=state["lm_head.weight"].size(0),
-                      n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=True)
+                      n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=True,
+                      activation_function=HF_ACTIVATIONS[cfg["activation_function"]])
     with torch.device("meta"):  # no second copy of the weights, no random init to throw away (124M: -500 MB)
         model = GPT(gconf)
     model.load_state_dict(state, strict=True, assign=True)  # the converted tensors become the parameters
@@ -299,7 +304,7 @@ def hf_config(model, vocab_size, tokenizer):
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
         "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "activation_function": c.activation_function, "layer_norm_epsilon": 1e-5,
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "initializer_range": 0.02,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "bos_token_id": eot, "eos_token_id": eot,

@@ -39,6 +39,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # on embeddings, attention weights and residual branches; 0 for pretraining small models
     bias: bool = True  # biases in Linear and LayerNorm like GPT-2; False is slightly better and faster
+    activation_function: str = "gelu_new"  # gelu_new: GPT-2's tanh GELU | gelu: exact (erf), nanoGPT's; HF's names
     use_bos_zero_training: bool = False  # scale the input at absolute position 0 by bos_scaling_factor
     bos_scaling_factor: float = 0.01  # in [0, 1]; 1.0 is the same as the flag off; 0.0 is allowed and stable
 
@@ -105,12 +106,29 @@ class DocumentMask:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, dropout_p=dropout_p)
 
 
-@torch.compiler.disable  # built eagerly, outside the compiled graph, as torch's FlexAttention examples do
 def _flex_block_mask(doc_ids):
     def same_document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
     B, T = doc_ids.shape
     return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+# built eagerly, outside the compiled graph, as torch's FlexAttention examples do. Only where CUDA is: the decorator
+# imports torch._dynamo, which adds 2 s to the start of every process (a CPU-only one never calls it)
+if flex_attention is not None and torch.cuda.is_available():
+    _flex_block_mask = torch.compiler.disable(_flex_block_mask)
+
+
+def explicit_attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(hs) + mask) written out: q (B, nh, T, hs), k (B, nh, Tk, hs), an additive mask (-inf
+    where a query must not look) broadcastable to (B, nh, T, Tk) -> (B, nh, T, Tk). One baddbmm folds the scale
+    and the mask into the product: two fewer passes over the (T, Tk) scores than q @ k^T * scale + mask."""
+    B, nh, T, hs = q.shape
+    Tk = k.size(2)
+    mask = mask.expand(B, nh, T, Tk).reshape(B * nh, T, Tk) if mask.dim() == 4 else mask  # (B*nh, T, Tk) or (T, Tk)
+    att = torch.baddbmm(mask, q.reshape(B * nh, T, hs), k.reshape(B * nh, Tk, hs).transpose(1, 2),
+                        alpha=1.0 / math.sqrt(hs))  # (B*nh, T, Tk)
+    return F.softmax(att, dim=-1).view(B, nh, T, Tk)
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,21 +154,19 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)  # (B, nh, Tk, hs), Tk = cached + T
             rows_mask = kv_cache.mask  # rows of different lengths (engine.py): each sees only its own keys
         Tk = k.size(2)
-        # PyTorch's fused CPU attention kernel is slow in bf16 on short sequences: there the written-out product
-        # below makes the whole training step 1.5x faster at the same loss (bench.py, AVX512-BF16 CPU, up to 512
-        # tokens; at 1024 the fused kernel wins again, and its memory stays linear in T)
-        cpu_bf16 = x.device.type == "cpu" and q.dtype == torch.bfloat16 and T > 1 and Tk <= 512
-        if attn_out is not None or cpu_bf16:
-            # explicit path: the same causal attention, written out (and so its weights can be returned); the scale
-            # goes on q (fewer elements than att) and the mask is added (-inf above the diagonal): fewer passes
+        # PyTorch's fused CPU attention kernel is slow on short sequences: there the written-out product is faster
+        # at the same loss (bench.py): the whole training step 1.5x in bf16 up to 512 tokens (AVX512-BF16 CPU), and
+        # attention 1.2x-2.5x in fp32 up to 256 (AVX2 and AVX-512 kernels). Beyond that the fused kernel wins, and
+        # its memory stays linear in T.
+        short = x.device.type == "cpu" and T > 1 and Tk <= (512 if q.dtype == torch.bfloat16 else 256)
+        if attn_out is not None or short:
             if doc_mask is not None:
                 future = doc_mask.additive(q.dtype)  # (B, 1, T, T): also -inf across documents
             else:
                 future = torch.full((T, Tk), float("-inf"), dtype=q.dtype, device=q.device).triu(Tk - T + 1)  # (T, Tk)
-            att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1) + future  # (B, nh, T, Tk)
             if rows_mask is not None:
-                att = att.masked_fill(~rows_mask, float("-inf"))
-            att = F.softmax(att, dim=-1)
+                future = future.masked_fill(~rows_mask, float("-inf"))  # (B, 1, T, Tk)
+            att = explicit_attention_weights(q, k, future)  # (B, nh, T, Tk)
             if attn_out is not None:
                 attn_out.append(att.detach())
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
@@ -176,7 +192,9 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation; keep it for exact parity
+        # GPT-2 used the tanh approximation (gelu_new): keep it for exact parity with GPT-2 checkpoints. A model
+        # trained from scratch can take the exact one (gelu), whose CPU kernel is 2x-3x faster on AVX2
+        self.gelu = nn.GELU(approximate="tanh" if config.activation_function == "gelu_new" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -289,10 +307,15 @@ def padded_vocab(n):
     return ((n + 63) // 64) * 64  # a multiple of 64 makes the embedding/lm_head matmuls faster
 
 
+ACTIVATIONS = ("gelu_new", "gelu")  # GPTConfig.activation_function, as Hugging Face's GPT2Config names them
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
+        if config.activation_function not in ACTIVATIONS:
+            raise InputError(f"activation_function '{config.activation_function}': must be one of {', '.join(ACTIVATIONS)}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -357,8 +380,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_mask=None, kv_cache=None, attn_out=None, last_only=False,
                 loss_reduction="mean", loss_only=False, position_ids=None, doc_ids=None):
         """idx (B, T) -> (logits, loss). logits are (B, T, V), or (B, 1, V) with last_only (generation).
-        loss is None without targets; with loss_mask (B, T) only mask-1 targets count. loss_only (training, with
-        targets): logits None, the loss through ChunkedCrossEntropy, which never holds the whole logits.
+        loss is None without targets; with loss_mask (B, T) only mask-1 targets count. loss_only (with targets):
+        logits None, and the loss from only the positions that count, never the whole logits (_loss_of_counted_rows).
         kv_cache: a KVCache to read from and extend. attn_out: a list that receives each layer's (B, nh, T, Tk)
         attention weights through the explicit path. position_ids, doc_ids (B, T): a packed row (data.PackedLoader):
         positions restarting at 0 per conversation, and which conversation each token belongs to."""
@@ -379,12 +402,8 @@ class GPT(nn.Module):
         # FOOTGUN: under torch.compile on CUDA (torch 2.11, an H100) the gradients ChunkedCrossEntropy computes in
         # its forward came out all zero, so the model never learned; on CPU (2.13) they were right. A compiled model
         # takes the plain path below instead, whose logits and loss Inductor fuses and frees itself.
-        if loss_only and targets is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            weight = (targets.reshape(-1) != -1).float()  # (B*T,): which targets count, as in cross_entropy_loss
-            if loss_mask is not None:
-                weight = weight * loss_mask.reshape(-1).float()
-            total = ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), weight)
-            return None, total if loss_reduction == "sum" else total / weight.sum().clamp(min=1.0)
+        if loss_only and targets is not None and not torch.compiler.is_compiling():
+            return None, self._loss_of_counted_rows(x, targets, loss_mask, loss_reduction)
         if last_only:
             x = x[:, [-1], :]  # only the last position's logits are needed to sample: skip the rest of lm_head
         logits = self.lm_head(x)
@@ -392,6 +411,26 @@ class GPT(nn.Module):
         if targets is not None:
             loss = cross_entropy_loss(logits, targets, loss_mask, loss_reduction)
         return logits, loss
+
+    def _loss_of_counted_rows(self, x, targets, loss_mask, reduction):
+        """forward's loss_only: (B, T, C) final hidden states -> the loss, without the (B, T, V) logits, and with a
+        loss mask from only the positions whose target counts. In chat SFT the mask leaves out most positions
+        (the prompts: 81% of the shipped sample conversations' tokens), and the output layer is most of a small
+        model's arithmetic (89% at 4 x 128 with GPT-2's 50k vocabulary), so a step does ~3x less work there for the
+        same loss and gradients: a left-out row adds 0 to both. In training through ChunkedCrossEntropy (never the
+        whole logits); without grad (evaluation) through lm_head on the kept rows."""
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+        weight = (targets != -1).float()  # (N,): which targets count, as in cross_entropy_loss
+        if loss_mask is not None:
+            weight = weight * loss_mask.reshape(-1).float()
+            keep = weight.nonzero().squeeze(1)  # (n,) Footgun: a host sync on CUDA (only with a mask: SFT)
+            if 0 < keep.numel() < weight.numel():  # none kept: all rows, whose weights are 0 (a 0 loss, no NaN)
+                x, targets, weight = x[keep], targets[keep], weight[keep]  # (n, C), (n,), (n,): x[keep] is differentiable
+        if torch.is_grad_enabled():
+            total = ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets, weight)
+        else:
+            total = cross_entropy_loss(self.lm_head(x), targets, weight, reduction="sum")
+        return total if reduction == "sum" else total / weight.sum().clamp(min=1.0)
 
     def set_activation_checkpointing(self, on=True):
         """Activation checkpointing: in training, each block keeps only its (B, T, C) input for backward, which

@@ -336,9 +336,9 @@ def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=No
     count = stats[1].clamp(min=1.0)
     if scaler is not None and optimizer is not None:
         scaler.unscale_(optimizer)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(world / count)  # DDP averaged the grads over ranks: undo that, divide by the global count
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # DDP averaged the grads over ranks: undo that, and divide by the global count (one foreach kernel for them all)
+    torch._foreach_mul_(grads, world / count.item())
     return (stats[0] / count).item()
 
 

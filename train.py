@@ -44,7 +44,7 @@ from runtime import (MetricsLog, autocast_context, forward_backward, fmt_time, f
 from tokenizer import Tokenizer
 
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_chat")
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation_function")
 RESUME_KEYS = ARCH_KEYS + ("block_size", "finetuning_type", "lora_rank", "lora_target", "trainer",
                            "use_bos_zero_training", "bos_scaling_factor", "init_from_model", "packing")
 
@@ -184,7 +184,8 @@ def build_fresh(cfg, tok, log):
         if vocab < tok.vocab_size:
             raise TrainError(f"vocab_size {vocab} is smaller than the tokenizer's {tok.vocab_size}: raise it or set 0 (auto)")
         mc = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+                       n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                       activation_function=cfg.activation_function)
         return GPT(mc), None, notes
     # fine-tuning an existing model: its architecture wins, this config's training settings apply
     mc = model.config
@@ -506,7 +507,7 @@ def evaluate(run):
             batch = loader.get_batch()
             x, y, m = batch[0], batch[1], batch[2] if cfg.use_loss_mask else None
             with run.ctx:
-                _, loss_sum = model(x, y, m, loss_reduction="sum", **packed_inputs(batch))
+                _, loss_sum = model(x, y, m, loss_reduction="sum", loss_only=True, **packed_inputs(batch))
             count = m.sum() if m is not None else (y != -1).sum()  # padding of packed rows has target -1
             total += torch.stack([loss_sum.float(), count.float().to(run.device)])
         if run.ddp:

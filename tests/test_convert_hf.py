@@ -149,18 +149,33 @@ def test_export_merges_lora_into_a_copy(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "export changed the caller's model"
 
 
-def test_export_bias_free_char_model(tmp_path):
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_export_bias_free_char_model(tmp_path, activation):
     tok = Tokenizer.char_from_texts(["to be or not to be"])
     torch.manual_seed(1)
-    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False,
+                          activation_function=activation)).eval()
+    with torch.no_grad():  # an MLP that matters: pre-activations of order 1, where the two GELUs differ by ~1e-3
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(8)
+            block.mlp.c_proj.weight.mul_(20)
+        model.transformer.wte.weight.mul_(5)  # (tied to lm_head) logits of order 1, not 0.02
     out = export_hf(model, tok, str(tmp_path / "char"))
     cfg = json.loads(Path(out, "config.json").read_text())
     assert cfg["vocab_size"] == tok.vocab_size  # padding rows cut back to the tokenizer's vocabulary
+    assert cfg["activation_function"] == activation
     assert not Path(out, "vocab.json").exists()  # GPT-2 BPE files only for the gpt2 tokenizer
     assert Tokenizer.load(os.path.join(out, "tokenizer_state.json")).chars == tok.chars
     back = GPT2LMHeadModel.from_pretrained(out).eval()
     idx = torch.tensor([tok.encode("to be or not")])
-    assert (hf_logits(back, idx) - gpt_logits(model, idx)[..., :tok.vocab_size]).abs().max().item() <= 1e-5
+    ours = gpt_logits(model, idx)[..., :tok.vocab_size]
+    assert (hf_logits(back, idx) - ours).abs().max().item() <= 1e-5
+    again, _ = load_hf_gpt2(out)  # and back in: the same activation, the same logits
+    assert again.config.activation_function == activation
+    assert (gpt_logits(again, idx)[..., :tok.vocab_size] - ours).abs().max().item() <= 1e-5
+    other = "gelu" if activation == "gelu_new" else "gelu_new"
+    back_other = GPT2LMHeadModel.from_pretrained(out, activation_function=other).eval()
+    assert (hf_logits(back_other, idx) - ours).abs().max().item() > 1e-4  # the test tells the two apart
 
     # re-export over the previous export replaces it; a foreign non-empty directory is refused
     export_hf(model, tok, out)

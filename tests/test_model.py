@@ -42,13 +42,75 @@ def test_kv_cache_logits_equal_full_forward_including_chunked_prefill():
 def test_explicit_attention_path_matches_sdpa_and_returns_weights():
     model = tiny()
     idx = torch.randint(0, 97, (2, 16))
-    fused, _ = model(idx)
+    fused, _ = model(idx)  # on CPU at 16 tokens also written out (see below); on GPU the fused kernel
     maps = []
     explicit, _ = model(idx, attn_out=maps)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
     assert len(maps) == 3 and maps[0].shape == (2, 4, 16, 16)
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 4, 16))
     assert torch.all(maps[1].triu(diagonal=1) == 0)  # causal: no weight on the future
+
+
+def sdpa_reference(attn, x):
+    """What one attention layer computes through PyTorch's fused kernel, written from its weights."""
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+    return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("T", [16, 256, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_sequences_written_out_equal_the_fused_kernel(T, dtype):
+    """On CPU, sequences up to 256 tokens (512 in bf16) take the written-out attention (faster there); longer ones
+    the fused kernel. Either way: the fused kernel's output and gradients."""
+    torch.manual_seed(0)
+    attn = tiny().transformer.h[0].attn.to(dtype)
+    x = torch.randn(2, T, 32, dtype=dtype, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    out, ref = attn(x), sdpa_reference(attn, ref_x)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+
+
+def test_loss_from_the_counted_rows_equals_the_full_logits_loss():
+    """loss_only computes the output layer only where the target counts (mask 1, target not -1): the same loss and
+    gradients as the whole (B, T, V) logits, in training (ChunkedCrossEntropy) and without grad (evaluation)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 97, (4, 24), generator=g)
+    y = torch.randint(0, 97, (4, 24), generator=g)
+    y[1, :5] = -1  # ignored targets (padding of packed rows)
+    m = (torch.rand(4, 24, generator=g) < 0.2).long()
+    model = tiny().double().train()
+    logits, _ = model(x)  # (B, T, V): all of them, in double (cross_entropy_loss computes in fp32)
+    weight = (m * (y != -1)).reshape(-1).double()
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 97), y.reshape(-1), ignore_index=-1, reduction="none")
+    full = (ce * weight).sum() / weight.sum()
+    full.backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    _, rows = model(x, y, m, loss_only=True)
+    rows.backward()
+    # to fp32's precision: both losses take the log-softmax in fp32, whatever the model's dtype
+    assert abs(rows.item() - full.item()) < 1e-6
+    for p, gf in zip(model.parameters(), full_grads):
+        torch.testing.assert_close(p.grad, gf, atol=1e-7, rtol=1e-4)
+    with torch.no_grad():
+        _, summed = model(x, y, m, loss_reduction="sum", loss_only=True)
+    assert abs(summed.item() - full.item() * weight.sum().item()) < 1e-5  # evaluation's path: the loss in fp32
+
+
+def test_activation_function_is_checked_and_changes_the_mlp():
+    with pytest.raises(ValueError, match="activation_function 'relu': must be one of gelu_new, gelu"):
+        tiny(activation_function="relu")
+    x = torch.linspace(-3, 3, 32).repeat(1, 4, 1)  # (1, 4, 32)
+    tanh_mlp, exact_mlp = tiny().transformer.h[0].mlp, tiny(activation_function="gelu").transformer.h[0].mlp
+    torch.testing.assert_close(exact_mlp.gelu(x), torch.nn.functional.gelu(x))
+    assert (tanh_mlp.gelu(x) - exact_mlp.gelu(x)).abs().max() > 1e-4
 
 
 def test_generation_stops_at_stop_token_and_seed_is_reproducible():
