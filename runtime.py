@@ -338,7 +338,8 @@ def forward_backward(model, batches, use_loss_mask, ctx=nullcontext(), scaler=No
         scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     # DDP averaged the grads over ranks: undo that, and divide by the global count (one foreach kernel for them all)
-    torch._foreach_mul_(grads, world / count.item())
+    if grads:  # (the foreach kernel refuses an empty list)
+        torch._foreach_mul_(grads, world / count.item())
     return (stats[0] / count).item()
 
 
