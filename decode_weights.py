@@ -65,12 +65,14 @@ class Int8Linear(nn.Module):
     def forward(self, x):  # (..., in) -> (..., out), in x's dtype
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if x2.size(0) <= INT8_KERNEL_MAX_ROWS:  # decoding: the int8 kernel, on bf16 inputs (its fast path, see top)
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.ones).to(x.dtype)
-            y = y * self.scale.to(x.dtype)  # (N, out)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.ones)  # (N, out) bf16
+            # scales and bias in one fp32 kernel (bias + y * scale): a decode step runs 49 of these at 124M, and
+            # each op saved is ~1 ms a token of the ~24 spent on AVX2
+            y = (torch.addcmul(self.bias, y, self.scale) if self.bias is not None else y * self.scale).to(x.dtype)
         else:  # a prompt or a wide batch: the matrix dequantized once for the call, then one fp32 product
             y = x2 @ (self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None]).t()  # (N, out)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):

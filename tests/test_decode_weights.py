@@ -68,9 +68,10 @@ def test_packed_rows_in_a_batch_get_their_alone_tokens():
     assert [r.tokens for r in reqs] == alone
 
 
-def test_int8_weights_are_each_rows_rounded_matrix():
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_weights_are_each_rows_rounded_matrix(bias):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 48)
+    lin = torch.nn.Linear(64, 48, bias=bias)
     q8 = Int8Linear(lin)
     assert q8.q.dtype == torch.int8 and q8.q.shape == (48, 64) and q8.scale.shape == (48,)
     assert int(q8.q.abs().max(dim=1).values.min()) == 127  # every row's largest |w| maps to 127
@@ -80,7 +81,7 @@ def test_int8_weights_are_each_rows_rounded_matrix():
         for rows in (1, 3, 40):  # decode rows: bf16 inputs on the int8 kernel; a prompt: fp32 on the dequantized
             x = torch.randn(2, rows, 64)
             xin = x.to(torch.bfloat16).float() if rows * 2 <= 16 else x
-            want = xin @ dequant.t() + lin.bias
+            want = xin @ dequant.t() + (lin.bias if bias else 0)
             got = q8(x)
             assert got.shape == (2, rows, 48) and got.dtype == torch.float32
             assert torch.allclose(got, want, atol=2e-3, rtol=1e-2), (rows, (got - want).abs().max())
