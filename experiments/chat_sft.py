@@ -180,8 +180,11 @@ def past_end_of_turn(sampler, records, max_new_tokens=60):
     return out
 
 
-def run(name, use_loss_mask, args, dataset_dir, heldout, base=None, packing=False):
-    overrides = {"model_name": name, "use_loss_mask": use_loss_mask, "out_dir": args.out_dir, "packing": packing}
+def run(name, use_loss_mask, args, dataset_dir, heldout, base=None, packing=None):
+    """One SFT run of the preset (its own packing unless `packing` is given), then its scores."""
+    overrides = {"model_name": name, "use_loss_mask": use_loss_mask, "out_dir": args.out_dir}
+    if packing is not None:
+        overrides["packing"] = packing
     if base:
         overrides["init_from_model"] = base
     if dataset_dir:  # None: train.py's default, the shipped sample conversations (prepared on first use)
@@ -201,7 +204,7 @@ def run(name, use_loss_mask, args, dataset_dir, heldout, base=None, packing=Fals
     unstopped = past_end_of_turn(sampler, [first_of[t] for t in ("greet", "count", "repeat") if t in first_of])
     first_val = float(evals[0].split("val loss ")[1])
     data = dataset_dir or SAMPLE_DATASET
-    return {"name": name, "use_loss_mask": use_loss_mask, "packing": packing, "first_val": first_val,
+    return {"name": name, "use_loss_mask": use_loss_mask, "packing": cfg.packing, "first_val": first_val,
             "last_val": summary["val_loss"], "assistant_val_loss": assistant_val_loss(model, data, cfg.block_size),
             "whole_conversation_val_loss": whole_conversation_val_loss(model, data, cfg.block_size), "exact": exact,
             "ended": ended, "total": len(rows), "rows": rows, "not_stopped": unstopped}
@@ -228,6 +231,9 @@ def main():
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     os.chdir(ROOT)
+    if args.packed and load_config(args.config_file, {}).packing:
+        sys.exit(f"error: {args.config_file} already packs (packing true): its masked run is the packed one; "
+                 f"drop --packed, or pass a preset that draws random windows (configs/tiny_sft.json)")
     base = None
     if args.context_chars or args.pretrain_iters:
         prefix = "chat_tiny" + (f"_context{args.context_chars}" if args.context_chars else "") + \

@@ -50,3 +50,13 @@ def test_experiment_runs_as_a_module_from_the_root(name):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage:" in r.stdout
+
+
+def test_packed_run_on_a_preset_that_already_packs_is_a_one_line_error(tmp_path):
+    # the quick start's preset packs: its masked run is the packed one, and a second would only repeat it
+    r = subprocess.run([sys.executable, "-m", "experiments.chat_sft", "--config_file", "configs/quickstart_sft.json",
+                        "--packed", "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and os.listdir(tmp_path) == []
+    assert r.stderr.strip() == ("error: configs/quickstart_sft.json already packs (packing true): its masked run is "
+                                "the packed one; drop --packed, or pass a preset that draws random windows "
+                                "(configs/tiny_sft.json)")
