@@ -53,10 +53,13 @@ def test_experiment_runs_as_a_module_from_the_root(name):
 
 
 def test_packed_run_on_a_preset_that_already_packs_is_a_one_line_error(tmp_path):
-    # the quick start's preset packs: its masked run is the packed one, and a second would only repeat it
-    r = subprocess.run([sys.executable, "-m", "experiments.chat_sft", "--config_file", "configs/quickstart_sft.json",
-                        "--packed", "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and os.listdir(tmp_path) == []
-    assert r.stderr.strip() == ("error: configs/quickstart_sft.json already packs (packing true): its masked run is "
+    # a preset that packs: its masked run is the packed one, and --packed would only repeat it
+    preset = json.load(open(os.path.join(ROOT, "configs", "quickstart_sft.json")))
+    (tmp_path / "packed.json").write_text(json.dumps({**preset, "packing": True}))
+    out = tmp_path / "ckpt"
+    r = subprocess.run([sys.executable, "-m", "experiments.chat_sft", "--config_file", str(tmp_path / "packed.json"),
+                        "--packed", "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and not out.exists()
+    assert r.stderr.strip() == (f"error: {tmp_path / 'packed.json'} already packs (packing true): its masked run is "
                                 "the packed one; drop --packed, or pass a preset that draws random windows "
                                 "(configs/tiny_sft.json)")
