@@ -5,6 +5,7 @@ And does loss masking help? (docs/chat_sft_experiment.md)
     python -m experiments.chat_sft                  # from the project root: tiny_sft.json twice, masking on and off
     python -m experiments.chat_sft --max_iters 500  # quicker, rougher
     python -m experiments.chat_sft --skip_unmasked --config_file configs/quickstart_sft.json   # the quick start's model
+    python -m experiments.chat_sft --skip_unmasked --config_file configs/quickstart_sft.json --seed 2   # another seed
     python -m experiments.chat_sft --context_chars 256   # the same conversations, each behind a passage of prose
 
 --context_chars N puts a system message of N characters of real prose (a passage of Pride and Prejudice, Project
@@ -191,6 +192,8 @@ def run(name, use_loss_mask, args, dataset_dir, heldout, base=None, packing=None
         overrides["dataset_dir"] = dataset_dir
     if args.max_iters:
         overrides.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters, eval_interval=args.max_iters // 5)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
     cfg = load_config(args.config_file, overrides)
     evals = []
     summary = train(cfg, log=lambda line: (print(f"[{name}] {line}"), evals.append(line) if line.startswith("step ") else None))
@@ -219,6 +222,9 @@ def main():
     p.add_argument("--config_file", default="configs/tiny_sft.json",
                    help="the SFT preset every run trains (configs/quickstart_sft.json: the README's first command)")
     p.add_argument("--max_iters", type=int, default=0, help="0: the preset's (2000)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the SFT runs' seed (initial weights and batches; default: the preset's): the held-out count "
+                        "moves with it")
     p.add_argument("--out_dir", default="checkpoints")
     p.add_argument("--skip_unmasked", action="store_true", help="only the masked run (the main job)")
     p.add_argument("--context_chars", type=int, default=0,

@@ -18,7 +18,8 @@ def test_two_phase_prompt_heavy_experiment_runs(tmp_path):
     out = tmp_path / "ckpt"
     r = subprocess.run([sys.executable, "-m", "experiments.chat_sft", "--pretrain_iters", "10",
                         "--max_iters", "10", "--context_chars", "64", "--out_dir", str(out), "--context_file", PROSE,
-                        "--packed", "--json", str(tmp_path / "res.json")], cwd=ROOT, capture_output=True, text=True,
+                        "--packed", "--seed", "3", "--json", str(tmp_path / "res.json")], cwd=ROOT,
+                       capture_output=True, text=True,
                        timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -26,6 +27,8 @@ def test_two_phase_prompt_heavy_experiment_runs(tmp_path):
     assert "| masked |" in r.stdout and "| unmasked |" in r.stdout and "| masked, packed |" in r.stdout
     res = json.load(open(tmp_path / "res.json"))
     assert [(x["use_loss_mask"], x["packing"]) for x in res] == [(True, False), (False, False), (True, True)]
+    for x in res:  # --seed reaches every SFT run's config
+        assert json.load(open(out / x["name"] / "config.json"))["seed"] == 3
     for x in res:
         assert x["total"] == 50 and len(x["rows"]) == 50 and len(x["not_stopped"]) == 3
         assert 0 < x["assistant_val_loss"] < 10 and 0 < x["whole_conversation_val_loss"] < 10
