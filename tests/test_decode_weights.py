@@ -9,13 +9,15 @@ import torch
 
 import lora
 from conftest import run_cli
-from decode_weights import Int8Linear, PackedLinear, for_decoding, packing_available
+import decode_weights
+from decode_weights import Int8Linear, PackedLinear, fbgemm_available, for_decoding, packing_available
 from engine import Engine, Request
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 TOK = Tokenizer.char_from_texts(["abcdefghijklmnopqrstuvwxyz .,!?"])
 needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no fbgemm int8 GEMM")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread: tiny shapes
@@ -73,6 +75,7 @@ def test_int8_weights_are_each_rows_rounded_matrix(bias):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=bias)
     q8 = Int8Linear(lin)
+    assert q8.kernel == "int8pack"  # a small matrix: fbgemm's extra ops would cost more than its faster read
     assert q8.q.dtype == torch.int8 and q8.q.shape == (48, 64) and q8.scale.shape == (48,)
     assert int(q8.q.abs().max(dim=1).values.min()) == 127  # every row's largest |w| maps to 127
     dequant = q8.q.float() * q8.scale[:, None]
@@ -85,6 +88,51 @@ def test_int8_weights_are_each_rows_rounded_matrix(bias):
             got = q8(x)
             assert got.shape == (2, rows, 48) and got.dtype == torch.float32
             assert torch.allclose(got, want, atol=2e-3, rtol=1e-2), (rows, (got - want).abs().max())
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_on_fbgemm_is_the_rounded_matrix_times_the_fp32_input_row_by_row(bias):
+    """fbgemm rounds its input to 7-bit integers; int8_input_rows makes that exact (~14 bits a row kept), so the
+    product is the dequantized matrix's with the fp32 input, and a row's numbers do not depend on its batch."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=bias)
+    q8 = Int8Linear(lin, kernel="fbgemm")
+    dequant = q8.q.float() * q8.scale[:, None]
+    with torch.no_grad():
+        for rows in (1, 3, 40):
+            x = torch.randn(2, rows, 64) * 5
+            x[0, 0] = 0  # an all-zero row: its bias alone
+            want = x @ dequant.t() + (lin.bias if bias else 0)
+            got = q8(x)
+            assert got.shape == (2, rows, 48) and got.dtype == torch.float32
+            assert (got - want).abs().max() <= 2e-4 * x.abs().max(), (rows, (got - want).abs().max())
+            alone = torch.stack([torch.cat([q8(x[b, i:i + 1]) for i in range(rows)]) for b in range(2)])
+            assert torch.equal(got, alone)
+
+
+@needs_fbgemm
+def test_int8_kernel_follows_the_matrix_size(monkeypatch):
+    big = torch.nn.Linear(768, decode_weights.FBGEMM_MIN_WEIGHTS // 768 + 1)
+    assert Int8Linear(big).kernel == "fbgemm" and Int8Linear(torch.nn.Linear(768, 768)).kernel == "int8pack"
+    monkeypatch.setattr(decode_weights, "fbgemm_available", lambda: False)  # ARM builds, or no quantized API
+    assert Int8Linear(big).kernel == "int8pack"
+
+
+@needs_fbgemm
+def test_int8_fbgemm_rows_in_a_batch_get_their_alone_tokens(monkeypatch):
+    monkeypatch.setattr(decode_weights, "FBGEMM_MIN_WEIGHTS", 0)  # every matrix on fbgemm
+    q = for_decoding(tiny(), "int8")
+    assert all(m.kernel == "fbgemm" for m in q.modules() if isinstance(m, Int8Linear))
+    ps, limits = [prompt(n, n) for n in (3, 12, 1, 25)], (20, 9, 40, 15)
+    alone = []
+    for p, n in zip(ps, limits):
+        r = Request(p, n, temperature=0)
+        list(Engine(q, TOK, max_batch_size=1).run([r]))
+        alone.append(r.tokens)
+    reqs = [Request(p, n, temperature=0) for p, n in zip(ps, limits)]
+    list(Engine(q, TOK, max_batch_size=4).run(reqs))
+    assert [r.tokens for r in reqs] == alone
 
 
 def test_int8_model_stays_close_to_fp32_and_leaves_the_embedding_in_fp32():
