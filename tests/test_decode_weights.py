@@ -98,7 +98,9 @@ def test_int8_on_fbgemm_is_the_rounded_matrix_times_the_fp32_input_row_by_row(bi
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=bias)
     q8 = Int8Linear(lin, kernel="fbgemm")
-    dequant = q8.q.float() * q8.scale[:, None]
+    assert q8.q is None  # fbgemm's packed copy is the only one kept
+    twin = Int8Linear(lin, kernel="int8pack")  # the same rounding, q kept
+    dequant = twin.q.float() * twin.scale[:, None]
     with torch.no_grad():
         for rows in (1, 3, 40):
             x = torch.randn(2, rows, 64) * 5
