@@ -94,10 +94,13 @@ class Int8Linear(nn.Module):
         if kernel is None:
             big = self.q.numel() >= FBGEMM_MIN_WEIGHTS
             kernel = "fbgemm" if big and fbgemm_available() else "int8pack"
-        self.kernel = kernel
-        self.fbgemm = None
-        if kernel == "fbgemm":  # fbgemm packs its own copy of q: keeping q too would hold it twice (38.6 MB at 124M)
-            self.fbgemm, self.q, self.ones = fbgemm_pack(self.q, self.scale), None, None
+        self.fbgemm = fbgemm_pack(self.q, self.scale) if kernel == "fbgemm" else None
+        if self.fbgemm is not None:  # fbgemm packs its own copy of q: keeping q too would hold it twice (38.6 MB)
+            self.q = self.ones = None
+
+    @property
+    def kernel(self):
+        return "int8pack" if self.fbgemm is None else "fbgemm"
 
     def forward(self, x):  # (..., in) -> (..., out), in x's dtype
         x2 = x.reshape(-1, self.in_features).float()  # (N, in)

@@ -56,18 +56,24 @@ def test_packed_fp32_computes_the_plain_models_logits_and_tokens(bias):
         assert r.tokens == plain.generate(torch.tensor([p]), 50, temperature=0)[0, n:].tolist()
 
 
-@needs_packing
-def test_packed_rows_in_a_batch_get_their_alone_tokens():
-    packed = for_decoding(tiny(), "float32", max_batch_size=4)
-    ps, limits = [prompt(n, n) for n in (3, 12, 1, 25, 7, 30)], (20, 9, 40, 15, 33, 5)
+def batched_and_alone_tokens(model, lengths, limits):
+    """Greedy tokens of prompts of these lengths through the engine at batch 4, and each one alone."""
+    ps = [prompt(n, n) for n in lengths]
     alone = []
     for p, n in zip(ps, limits):
         r = Request(p, n, temperature=0)
-        list(Engine(packed, TOK, max_batch_size=1).run([r]))
+        list(Engine(model, TOK, max_batch_size=1).run([r]))
         alone.append(r.tokens)
     reqs = [Request(p, n, temperature=0) for p, n in zip(ps, limits)]
-    list(Engine(packed, TOK, max_batch_size=4).run(reqs))
-    assert [r.tokens for r in reqs] == alone
+    list(Engine(model, TOK, max_batch_size=4).run(reqs))
+    return [r.tokens for r in reqs], alone
+
+
+@needs_packing
+def test_packed_rows_in_a_batch_get_their_alone_tokens():
+    packed = for_decoding(tiny(), "float32", max_batch_size=4)
+    batched, alone = batched_and_alone_tokens(packed, (3, 12, 1, 25, 7, 30), (20, 9, 40, 15, 33, 5))
+    assert batched == alone
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -126,15 +132,8 @@ def test_int8_fbgemm_rows_in_a_batch_get_their_alone_tokens(monkeypatch):
     monkeypatch.setattr(decode_weights, "FBGEMM_MIN_WEIGHTS", 0)  # every matrix on fbgemm
     q = for_decoding(tiny(), "int8")
     assert all(m.kernel == "fbgemm" for m in q.modules() if isinstance(m, Int8Linear))
-    ps, limits = [prompt(n, n) for n in (3, 12, 1, 25)], (20, 9, 40, 15)
-    alone = []
-    for p, n in zip(ps, limits):
-        r = Request(p, n, temperature=0)
-        list(Engine(q, TOK, max_batch_size=1).run([r]))
-        alone.append(r.tokens)
-    reqs = [Request(p, n, temperature=0) for p, n in zip(ps, limits)]
-    list(Engine(q, TOK, max_batch_size=4).run(reqs))
-    assert [r.tokens for r in reqs] == alone
+    batched, alone = batched_and_alone_tokens(q, (3, 12, 1, 25), (20, 9, 40, 15))
+    assert batched == alone
 
 
 def test_int8_model_stays_close_to_fp32_and_leaves_the_embedding_in_fp32():
