@@ -115,6 +115,17 @@ def test_train_comparison_times_only_the_given_dtypes_and_counts_estimate_mfus_f
     assert res["flops_per_token"] == 6 * N + 12 * 1 * 2 * 16 * T
 
 
+def test_the_ceiling_share_counts_only_where_the_ceiling_is_under_the_target():
+    def res(ceiling_ratio):
+        return {"tokens_per_s": {"ours float32 compiled": 9.0, "ceiling float32": 10.0},
+                "best_ours": "ours float32 compiled", "ceiling_ratio": ceiling_ratio}
+    under = bench.share_of_ceiling_row("t", res(1.2), 1.5)
+    assert under["ratio"] == "0.90x" and under["ok"] is True and "under 1.5x" in under["target"]
+    assert bench.share_of_ceiling_row("t", res(1.6), 1.5)["ok"] is None  # the 1.5x line itself is reachable
+    assert bench.fastest({"ours float32": 1.0, "ours float32 compiled": 2.0, "transformers float32 sdpa": 3.0,
+                          "transformers float32 eager compiled": 4.0}, "transformers", "sdpa") == "transformers float32 sdpa"
+
+
 def test_flops_column_shows_each_sides_share_of_its_dtypes_peak():
     f = facts(ZEN2, threads=1)  # one core: fp32 peak 2 x 8 x 2 x 2.6 GHz = 83.2 GFLOP/s, no bf16 peak
     cell = bench.achieved(f, 1e6, [(8320.0, "float32"), (8320.0, "bfloat16")])
