@@ -292,9 +292,8 @@ def samples(model, tok, ckpt, args, device, settings):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def run(args, log=print):
-    """Everything evaluate.py measures, as a dict (what --json writes)."""
-    device = pick_device(args.device)
+def check_args(args):
+    """Refuse bad numbers before anything is loaded; returns --sweep's factors."""
     sweep = parse_sweep(args.sweep) if args.sweep else []
     if args.scaling_factor is not None:
         check_factor(args.scaling_factor, "--scaling_factor")
@@ -303,27 +302,23 @@ def run(args, log=print):
             raise EvalError(f"--{key} {getattr(args, key)} must be >= 1")
     if args.block_size < 0 or args.max_windows < 0 or args.attention_seq_len < 0:
         raise EvalError("--block_size, --max_windows and --attention_seq_len must be >= 0 (0 = default)")
-    name = args.model_name or latest_model_name(args.out_dir)
-    if name is None:
-        raise CheckpointError(f"no trained model in {args.out_dir}/: train one first, or pass --model_name")
-    model, tok, ckpt = load_model(name, args.out_dir, device, prefer="best.pt" if args.checkpoint == "best" else "ckpt.pt")
-    model.eval()
-    trained = model.config.bos_scaling_factor if model.config.use_bos_zero_training else None
+    return sweep
+
+
+def scaling_settings(args, trained, name):
+    """The BOS scaling factors to score: the first is the main one (attention is measured with it); None (no
+    scaling) is the comparison. trained: the factor the model was trained with, or None."""
     if trained is not None and args.scaling_factor is None and not args.no_bos_scaling:
         check_factor(trained, f"model '{name}' (checkpoint model_args)")
-
-    # the settings: the first is the main one (attention is measured with it); "none" is the comparison
     if args.no_bos_scaling:
-        settings = [None]
-    elif args.scaling_factor is not None:
-        settings = [args.scaling_factor, None]
-    else:
-        settings = [trained, None] if trained is not None else [None]
+        return [None]
+    if args.scaling_factor is not None:
+        return [args.scaling_factor, None]
+    return [trained, None] if trained is not None else [None]
 
-    # the data
-    T = args.block_size or model.config.block_size
-    if T > model.config.block_size:
-        raise EvalError(f"--block_size {T} is longer than the model's block_size {model.config.block_size}")
+
+def eval_data(args, model, tok, name, T):
+    """The windows to score, from --dataset_dir's val split or --text_file: (X, Y, M, the report's "data")."""
     use_mask = False
     if args.dataset_dir:
         meta = read_metadata(args.dataset_dir)
@@ -333,8 +328,6 @@ def run(args, log=print):
                             f"{data_tok.vocab_size}) than model '{name}' ({tok.kind}, vocab {tok.vocab_size}): prepare "
                             f"it with the model's tokenizer")
         use_mask = bool(meta.get("has_mask")) and not args.no_mask
-    if args.attention:  # refuse a too-large request before spending time on the rest
-        att_batch, att_len = attention_request(model, args, T)
     prepend_bos = {"auto": model.config.use_bos_zero_training, "true": True, "false": False}[args.prepend_bos]
     shards, source = load_tokens(args, tok, use_mask)
     X, Y, M = eval_windows(shards, T, prepend_bos, tok.eot_token, args.max_windows)
@@ -342,12 +335,55 @@ def run(args, log=print):
     if top >= model.config.vocab_size:
         raise EvalError(f"{source}: token id {top} >= the model's vocab_size {model.config.vocab_size}: "
                         f"the data was made with another tokenizer")
-    log(f"model '{name}' (iteration {ckpt.get('iter_num')}, trained with BOS scaling {setting_name(trained)}) on "
-        f"{source}: {X.size(0)} windows of {T} targets, BOS first: {prepend_bos}, masked: {M is not None}")
+    return X, Y, M, {"source": source, "windows": X.size(0), "block_size": T, "prepend_bos": prepend_bos,
+                     "masked": M is not None}
 
-    report = {"model": name, "iter_num": ckpt.get("iter_num"), "trained_scaling": trained,
-              "data": {"source": source, "windows": X.size(0), "block_size": T, "prepend_bos": prepend_bos,
-                       "masked": M is not None},
+
+def attention_report(model, X, factor, att_batch, att_len, title, png, device, log):
+    """Attention mass on position 0 with BOS scaling `factor`: logged as a table, drawn to png under title; the
+    report's "attention"."""
+    with bos_scaling(model, factor):
+        mass = attention_to_first(model, X, att_batch, att_len, device)
+    uniform = float(np.mean([1.0 / (q + 1) for q in range(1, att_len)]))  # query q sees q + 1 positions
+    log(f"attention mass on position 0 (BOS scaling {setting_name(factor)}; mean over queries 1..T-1; "
+        f"uniform attention would give {uniform:.3f}):")
+    log(attention_table(mass))
+    png = plot_attention([(title, mass)], png)
+    if png:
+        log(f"heat map written to {png}")
+    return {"setting": setting_name(factor), "factor": factor, "seq_len": att_len, "batch": min(att_batch, X.size(0)),
+            "uniform": uniform, "per_layer": mass.mean(axis=1).tolist(), "per_head": mass.tolist(), "png": png}
+
+
+def write_json(report, path):
+    """The report to path, whole or not at all (a temp file, then renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def run(args, log=print):
+    """Everything evaluate.py measures, as a dict (what --json writes)."""
+    device = pick_device(args.device)
+    sweep = check_args(args)
+    name = args.model_name or latest_model_name(args.out_dir)
+    if name is None:
+        raise CheckpointError(f"no trained model in {args.out_dir}/: train one first, or pass --model_name")
+    model, tok, ckpt = load_model(name, args.out_dir, device, prefer="best.pt" if args.checkpoint == "best" else "ckpt.pt")
+    model.eval()
+    trained = model.config.bos_scaling_factor if model.config.use_bos_zero_training else None
+    settings = scaling_settings(args, trained, name)
+    T = args.block_size or model.config.block_size
+    if T > model.config.block_size:
+        raise EvalError(f"--block_size {T} is longer than the model's block_size {model.config.block_size}")
+    if args.attention:  # refuse a too-large request before spending time on the rest
+        att_batch, att_len = attention_request(model, args, T)
+    X, Y, M, data = eval_data(args, model, tok, name, T)
+    log(f"model '{name}' (iteration {ckpt.get('iter_num')}, trained with BOS scaling {setting_name(trained)}) on "
+        f"{data['source']}: {X.size(0)} windows of {T} targets, BOS first: {data['prepend_bos']}, masked: "
+        f"{M is not None}")
+    report = {"model": name, "iter_num": ckpt.get("iter_num"), "trained_scaling": trained, "data": data,
               "results": [], "sweep": [], "attention": None, "samples": []}
     scored = {}
 
@@ -366,7 +402,7 @@ def run(args, log=print):
                                   "perplexity": math.exp(loss), "targets": count, "loss_excl_first": rest})
         log(f"BOS scaling {setting_name(factor):>5s}: val loss {loss:.4f}, perplexity {math.exp(loss):.3f} "
             f"({count:,} targets; loss without each window's first target {rest:.4f})")
-    report["data"]["targets"] = report["results"][0]["targets"]
+    data["targets"] = report["results"][0]["targets"]
 
     if sweep:
         log("sweep:  factor    loss   perplexity")
@@ -376,19 +412,9 @@ def run(args, log=print):
             log(f"      {factor:8g}  {loss:.4f}  {math.exp(loss):9.3f}")
 
     if args.attention:
-        with bos_scaling(model, settings[0]):
-            mass = attention_to_first(model, X, att_batch, att_len, device)
-        uniform = float(np.mean([1.0 / (q + 1) for q in range(1, att_len)]))  # query q sees q + 1 positions
-        log(f"attention mass on position 0 (BOS scaling {setting_name(settings[0])}; mean over queries 1..T-1; "
-            f"uniform attention would give {uniform:.3f}):")
-        log(attention_table(mass))
         png = args.attention_png or os.path.join(model_dir(args.out_dir, name), "attention_pos0.png")
-        png = plot_attention([(f"{name} (scaling {setting_name(settings[0])})", mass)], png)
-        if png:
-            log(f"heat map written to {png}")
-        report["attention"] = {"setting": setting_name(settings[0]), "factor": settings[0],
-                               "seq_len": att_len, "batch": min(att_batch, X.size(0)), "uniform": uniform,
-                               "per_layer": mass.mean(axis=1).tolist(), "per_head": mass.tolist(), "png": png}
+        title = f"{name} (scaling {setting_name(settings[0])})"
+        report["attention"] = attention_report(model, X, settings[0], att_batch, att_len, title, png, device, log)
 
     if args.generate_samples:
         report["samples"] = samples(model, tok, ckpt, args, device, settings)
@@ -396,10 +422,7 @@ def run(args, log=print):
             log(f"--- sample, BOS scaling {s['setting']} ---\n{s['text']}")
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(report, args.json)
         log(f"results written to {args.json}")
     return report
 
