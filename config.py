@@ -31,7 +31,7 @@ class TrainConfig:
     init_from_model: str = ""  # start from another project model's weights + architecture, with this config's training settings
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 autocast where it is fast, else fp32)
-    compile: Optional[bool] = None  # torch.compile the model; None = auto (on for CUDA)
+    compile: Optional[bool] = None  # torch.compile the model; None = auto (on for CUDA); on CPU needs a C++ compiler (g++)
     activation_checkpointing: bool = False  # recompute each block in backward: 124M at 8 x 1024 peaks at 0.23x memory, 1.14x time
     seed: int = 1337
     eval_interval: int = 250  # evaluate every N iterations (and at the end)

@@ -207,10 +207,29 @@ def build_fresh(cfg, tok, log):
 
 
 
+def check_cpu_compiler():
+    """torch.compile on the CPU writes C++ that inductor builds with the system's compiler (CXX, else g++). Without
+    one the first step dies deep inside inductor; say so before training starts, with the fix."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # private: a torch without it skips the check
+    except ImportError:
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor's InvalidCxxCompiler: no CXX / g++ that answers --version
+        from torch._inductor import config as inductor_config
+        tried = ", ".join(c for c in inductor_config.cpp.cxx if c)
+        raise TrainError(f"compile: true on the CPU needs a C++ compiler for torch.compile's kernels, and none works "
+                         f"(tried {tried}: {type(e).__name__}): install one (Debian: apt-get install g++) or set CXX "
+                         f"to it, or pass --compile false") from None
+
+
 def wrap(raw_model, run):
     """The module the loop calls: compiled when asked, in DDP under torchrun (FSDP already wraps in place)."""
     m = raw_model
     if run.compile:
+        if run.device_type == "cpu":
+            check_cpu_compiler()
         m = torch.compile(m)
     if run.ddp and not run.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP

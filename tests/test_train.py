@@ -10,7 +10,7 @@ import pytest
 from config import ConfigError, load_config
 from conftest import SAMPLE_CHAT, run_cli
 from data import BatchLoader, DataError
-from train import train
+from train import TrainError, train
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, eval_iters=2, log_interval=1,
              warmup_iters=2, learning_rate=3e-3, min_lr=3e-4)
@@ -127,6 +127,17 @@ def test_missing_dataset_dir_is_clear(tmp_path):
                 "--out_dir", str(tmp_path / "ck"))
     assert r.returncode == 1 and "dataset folder not found" in r.stderr
     assert not (tmp_path / "ck").exists()  # nothing half-written
+
+
+def test_cpu_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, shakespeare_char, monkeypatch):
+    """torch.compile's CPU kernels are C++ built by the system's compiler: without one, train.py says so before
+    the first step (not an inductor traceback from inside it), and writes nothing."""
+    from torch._inductor import config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    with pytest.raises(TrainError, match="compile: true on the CPU needs a C\\+\\+ compiler .*no-such-g\\+\\+.*"
+                                          "pass --compile false"):
+        run(tmp_path, shakespeare_char, compile=True, max_iters=1, device="cpu")
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_shard_size_disagreeing_with_metadata(tmp_path, shakespeare_char):
