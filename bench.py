@@ -968,13 +968,72 @@ def stream_completion(url, prompt, max_tokens, progress=None):
     return t0, times, tokens
 
 
+def concurrent_streams(url, prompts, n, max_tokens, late=None):
+    """n streaming clients at once (threads), client i sending prompts[i]; with `late`, one more request (prompts[7],
+    late max_tokens) sent once all n are mid-stream. Returns the n results and the late one's (stream_completion's)."""
+    import threading
+    res, marks = [None] * n, [threading.Event() for _ in range(n)]
+
+    def client(i):
+        res[i] = stream_completion(url, prompts[i], max_tokens, marks[i])
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    late_res = None
+    if late:
+        for m in marks:
+            m.wait()
+        late_res = stream_completion(url, prompts[7], late)
+    for t in threads:
+        t.join()
+    return res, late_res
+
+
+def sample_path_times(sampler, tok, prompt, n_new):
+    """sample.py's path (Sampler.stream, greedy, this process): the time each piece of text was written."""
+    times = []
+
+    class Clock:
+        def write(self, piece):
+            if piece:
+                times.append(time.perf_counter())
+
+        def flush(self):
+            pass
+    sampler.stream([tok.eot_token] + tok.encode(prompt), n_new, stop_at_eot=False, out=Clock(), temperature=0)
+    return times
+
+
+def per_token(times, tokens):
+    """Seconds a token from the first piece to the last: tokens - 1 decode steps (held-back text merges pieces)."""
+    return (times[-1] - times[0]) / (tokens - 1)
+
+
+def serve_figures(url, prompts, sampler, tok, n_new, repeats):
+    """Each figure of section_serve, once per repeat, round-robin as `interleaved`: {name: [value per repeat]}."""
+    concurrent_streams(url, prompts, 1, 4)  # warm-up: first-call costs on both sides
+    sample_path_times(sampler, tok, prompts[0], n_new)
+    figs = collections.defaultdict(list)
+    for _ in range(repeats):
+        (alone,), _ = concurrent_streams(url, prompts, 1, n_new)
+        figs["alone_tps"].append(alone[2] / (alone[1][-1] - alone[0]))
+        figs["serve_ms_per_token"].append(1000 * per_token(alone[1], alone[2]))
+        many, _ = concurrent_streams(url, prompts, 8, n_new)
+        figs["batch8_tps"].append(sum(r[2] for r in many) / (max(r[1][-1] for r in many) - min(r[0] for r in many)))
+        figs["sample_ms_per_token"].append(1000 * per_token(sample_path_times(sampler, tok, prompts[0], n_new), n_new))
+        _, late = concurrent_streams(url, prompts, 7, n_new, late=8)
+        figs["ttft_busy_ms"].append(1000 * (late[1][0] - late[0]))
+        (quiet,), _ = concurrent_streams(url, prompts, 1, 8)
+        figs["ttft_alone_ms"].append(1000 * (quiet[1][0] - quiet[0]))
+    return figs
+
+
 def section_serve(ws, args):
     """serve.py at the GPT-2 124M shape (random weights, GPT-2's tokenizer), CPU, fp32, a real server process
     and HTTP streaming clients (threads here): aggregate tokens/s of 8 concurrent clients against one alone; the
     time to first token of a request that arrives while 7 others stream, against the same request alone; and the
     per-token latency of one stream against sample.py's path (the same engine in this process, no HTTP)."""
     import signal
-    import threading
     from checkpoint import load_model
     from sample import Sampler
     from tokenizer import Tokenizer
@@ -994,58 +1053,7 @@ def section_serve(ws, args):
             raise BenchError(f"serve.py did not start: {line}{server.stderr.read()[-300:]}")
         url = line.split(" at ")[1].split()[0]
         model, _, ckpt = load_model(name, out)
-        sampler = Sampler(model, tok, ckpt, "cpu", "float32")
-
-        def concurrent(n, max_tokens, late=None):
-            """n clients at once; with `late`, one more request (late max_tokens) sent once all n are mid-stream:
-            returns the n results and the late one's."""
-            res, marks = [None] * n, [threading.Event() for _ in range(n)]
-
-            def client(i):
-                res[i] = stream_completion(url, prompts[i], max_tokens, marks[i])
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-            for t in threads:
-                t.start()
-            late_res = None
-            if late:
-                for m in marks:
-                    m.wait()
-                late_res = stream_completion(url, prompts[7], late)
-            for t in threads:
-                t.join()
-            return res, late_res
-
-        def sample_path():
-            times = []
-
-            class Clock:
-                def write(self, piece):
-                    if piece:
-                        times.append(time.perf_counter())
-
-                def flush(self):
-                    pass
-            ids = [tok.eot_token] + tok.encode(prompts[0])
-            sampler.stream(ids, n_new, stop_at_eot=False, out=Clock(), temperature=0)
-            return times
-
-        def per_token(times, tokens):  # first to last piece: tokens - 1 decode steps (held-back text merges pieces)
-            return (times[-1] - times[0]) / (tokens - 1)
-
-        concurrent(1, 4)  # warm-up: first-call costs on both sides
-        sample_path()
-        figs = collections.defaultdict(list)
-        for _ in range(repeats):  # round-robin, as `interleaved`
-            (alone,), _ = concurrent(1, n_new)
-            figs["alone_tps"].append(alone[2] / (alone[1][-1] - alone[0]))
-            figs["serve_ms_per_token"].append(1000 * per_token(alone[1], alone[2]))
-            many, _ = concurrent(8, n_new)
-            figs["batch8_tps"].append(sum(r[2] for r in many) / (max(r[1][-1] for r in many) - min(r[0] for r in many)))
-            figs["sample_ms_per_token"].append(1000 * per_token(sample_path(), n_new))
-            _, late = concurrent(7, n_new, late=8)
-            figs["ttft_busy_ms"].append(1000 * (late[1][0] - late[0]))
-            (quiet,), _ = concurrent(1, 8)
-            figs["ttft_alone_ms"].append(1000 * (quiet[1][0] - quiet[0]))
+        figs = serve_figures(url, prompts, Sampler(model, tok, ckpt, "cpu", "float32"), tok, n_new, repeats)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
