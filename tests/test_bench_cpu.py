@@ -117,7 +117,7 @@ def test_train_comparison_times_only_the_given_dtypes_and_counts_estimate_mfus_f
 
 def test_the_ceiling_share_counts_only_where_the_ceiling_is_under_the_target():
     def res(ceiling_ratio):
-        return {"tokens_per_s": {"ours float32 compiled": 9.0, "ceiling float32": 10.0},
+        return {"tokens_per_s": {"ours float32 compiled": 9.0, "ceiling float32": 10.0}, "best_ceiling": "ceiling float32",
                 "best_ours": "ours float32 compiled", "ceiling_ratio": ceiling_ratio}
     under = bench.share_of_ceiling_row("t", res(1.2), 1.5)
     assert under["ratio"] == "0.90x" and under["ok"] is True and "under 1.5x" in under["target"]
