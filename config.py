@@ -54,6 +54,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     use_loss_mask: bool = False  # chat SFT: only mask-1 targets (the assistant's tokens) count in the loss
     packing: bool = False  # rows of whole conversations (best-fit packed, each attending only to itself); else random windows
+    align_windows: bool = False  # random windows that each start at a conversation's (document's) BOS, not at any token
     # --- optimizer and schedule (AdamW, linear warmup, cosine decay to min_lr) ---
     max_iters: int = 2000
     learning_rate: float = 1e-3
@@ -179,6 +180,9 @@ def validate(cfg, where="config"):
                           f"to merge): drop it")
     if cfg.xgblora_layers_per_iteration > cfg.n_layer and cfg.init_from == "scratch" and not cfg.init_from_model:
         need(False, "xgblora_layers_per_iteration", f"must be <= n_layer ({cfg.n_layer})")
+    if cfg.align_windows and cfg.packing:
+        raise ConfigError(f"{where}: 'align_windows' and 'packing' both set: a packed row already starts at a "
+                          f"conversation's start; drop align_windows")
     if cfg.fsdp and cfg.trainer == "zo":
         raise ConfigError(f"{where}: 'fsdp' is not supported with trainer 'zo' (MeZO already needs only inference memory)")
     return cfg

@@ -110,10 +110,12 @@ class Split:
 
 class BatchLoader:
     """Random (X, Y[, M]) windows of block_size tokens from one split, as int64 tensors on `device`.
-    Each rank of a distributed run seeds its own generator (seed + rank), so ranks see different windows."""
+    Each rank of a distributed run seeds its own generator (seed + rank), so ranks see different windows.
+    align: every window starts where a conversation (or document) starts, at its BOS, instead of at any token
+    (aligned_starts)."""
 
     def __init__(self, dataset_dir, split, batch_size, block_size, device="cpu", use_mask=False, prepend_bos=False,
-                 bos_token=None, seed=1337, rank=0, model_vocab_size=None):
+                 bos_token=None, seed=1337, rank=0, model_vocab_size=None, align=False):
         self.data = Split(dataset_dir, split, use_mask)
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
         self.device = torch.device(device)
@@ -129,17 +131,25 @@ class BatchLoader:
                             f"block_size or add data")
         self.probs = usable / usable.sum()
         self.usable = usable
+        self.starts = None  # where windows may start: None = any token
+        if align:
+            self.starts = aligned_starts(dataset_dir, split, self.data, self.span, prepend_bos, self.bos_token)
         self.vocab_limit = model_vocab_size or self.data.vocab_size
         self.rng = np.random.default_rng(seed + 1000 * rank)
         self.pin = self.device.type == "cuda"
 
     def get_batch(self):
-        shard_ids = self.rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
-        starts = (self.rng.random(self.batch_size) * self.usable[shard_ids]).astype(np.int64)
-        toks = np.stack([self.data.tokens[s][i:i + self.span] for s, i in zip(shard_ids, starts)]).astype(np.int64)
+        if self.starts is None:  # any token: a shard by its share of the usable starts, then a start in it
+            shard_ids = self.rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
+            starts = (self.rng.random(self.batch_size) * self.usable[shard_ids]).astype(np.int64)
+            starts = starts + self.data.offsets[shard_ids]  # (B,) offsets into the split's stream
+        else:  # aligned: a conversation start, each as likely
+            starts = self.starts[self.rng.integers(0, len(self.starts), size=self.batch_size)]
+        toks = np.stack([self.data.read(self.data.tokens, i, i + self.span) for i in starts]).astype(np.int64)
         if toks.max() >= self.vocab_limit:
-            bad = int(np.argmax(toks.max(axis=1) >= self.vocab_limit))
-            raise DataError(f"{self.data.names[shard_ids[bad]]}: token id {int(toks.max())} >= vocab_size "
+            bad = starts[int(np.argmax(toks.max(axis=1) >= self.vocab_limit))]
+            shard = int(np.searchsorted(self.data.offsets, bad, side="right")) - 1
+            raise DataError(f"{self.data.names[shard]}: token id {int(toks.max())} >= vocab_size "
                             f"{self.vocab_limit}: the shard was made with another tokenizer; re-run prepare_dataset.py")
         if self.prepend_bos:
             x = np.concatenate([np.full((self.batch_size, 1), self.bos_token, dtype=np.int64), toks[:, :-1]], axis=1)
@@ -149,7 +159,7 @@ class BatchLoader:
         batch = [torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))]
         if self.use_mask:
             off = 0 if self.prepend_bos else 1  # the mask of each target token
-            m = np.stack([self.data.masks[s][i + off:i + off + self.block_size] for s, i in zip(shard_ids, starts)])
+            m = np.stack([self.data.read(self.data.masks, i + off, i + off + self.block_size) for i in starts])
             batch.append(torch.from_numpy(m.astype(np.int64)))
         if self.pin:  # pinned host memory lets the copy to the GPU overlap with compute
             return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
@@ -177,7 +187,8 @@ def read_starts(dataset_dir, split, data):
     info = data.meta["splits"][split].get("starts")
     if not data.meta.get("has_starts") or info is None:
         raise DataError(f"{os.path.join(dataset_dir, 'dataset_metadata.json')}: no conversation starts (prepared before "
-                        f"packing existed): re-run prepare_dataset.py on its input files to train with packing true")
+                        f"packing existed): re-run prepare_dataset.py on its input files to train with packing true "
+                        f"or align_windows true")
     path = os.path.join(dataset_dir, split, info["file"])
     if info["count"] == 0:
         return np.zeros(0, dtype=np.int64)
@@ -188,6 +199,27 @@ def read_starts(dataset_dir, split, data):
     if starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] > data.num_tokens - 2:
         raise DataError(f"{path}: offsets are not increasing inside the split's {data.num_tokens} tokens: the file is "
                         f"stale or corrupt; re-run prepare_dataset.py")
+    return starts
+
+
+def aligned_starts(dataset_dir, split, data, span, prepend_bos, bos_token):
+    """Where the aligned windows of BatchLoader(align=True) may start: each conversation's (or document's) start
+    offset in the split's stream, whose token is its BOS (the stream's first record may have none), keeping those
+    with a whole window of `span` tokens after them. With prepend_bos the loader puts a BOS in front itself, so a
+    window starts one token later, after the record's own BOS: never two BOS in a row.
+    Why: a random window starts inside a conversation about half the time, and the answers of that first, cut
+    conversation are trained without their question, which is noise for a model that must copy from it."""
+    starts = read_starts(dataset_dir, split, data)
+    if prepend_bos:
+        shard = np.searchsorted(data.offsets, starts, side="right") - 1
+        first = np.empty(len(starts), dtype=np.int64)  # each record's first token, shard by shard
+        for k, tokens in enumerate(data.tokens):
+            first[shard == k] = tokens[starts[shard == k] - data.offsets[k]]
+        starts = starts + (first == bos_token)
+    starts = starts[starts + span <= data.num_tokens]
+    if len(starts) == 0:
+        raise DataError(f"{dataset_dir}/{split}: no conversation starts with the {span} tokens after it that a "
+                        f"window of that size needs ({data.num_tokens} tokens in all); lower block_size or add data")
     return starts
 
 

@@ -46,7 +46,8 @@ from tokenizer import Tokenizer
 SAMPLE_DATASET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_chat")
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation_function")
 RESUME_KEYS = ARCH_KEYS + ("block_size", "finetuning_type", "lora_rank", "lora_target", "trainer",
-                           "use_bos_zero_training", "bos_scaling_factor", "init_from_model", "packing")
+                           "use_bos_zero_training", "bos_scaling_factor", "init_from_model", "packing",
+                           "align_windows")
 
 
 class TrainError(GPTLabError, RuntimeError):
@@ -152,7 +153,8 @@ def resolve_dataset(cfg, log):
     if cfg.dataset_dir:
         return cfg.dataset_dir
     meta_path = os.path.join(SAMPLE_DATASET, "dataset_metadata.json")  # prepared again if made before starts.bin
-    if not os.path.exists(meta_path) or (cfg.packing and not read_metadata(SAMPLE_DATASET).get("has_starts")):
+    needs_starts = cfg.packing or cfg.align_windows
+    if not os.path.exists(meta_path) or (needs_starts and not read_metadata(SAMPLE_DATASET).get("has_starts")):
         import prepare_dataset
         log(f"no --dataset_dir: preparing the shipped sample conversations into {SAMPLE_DATASET}")
         prepare_dataset.prepare([SAMPLE_DATASET + ".jsonl"], SAMPLE_DATASET, tokenization="char", fmt="chat")
@@ -411,7 +413,8 @@ def setup_training(run, ckpt):
         raise TrainError(f"block_size {cfg.block_size} is larger than the model's {model.config.block_size}")
     run.loader_args = dict(batch_size=cfg.batch_size, block_size=cfg.block_size, device=run.device,
                            use_mask=cfg.use_loss_mask, prepend_bos=cfg.use_bos_zero_training,
-                           bos_token=run.tok.eot_token, model_vocab_size=model.config.vocab_size)
+                           bos_token=run.tok.eot_token, model_vocab_size=model.config.vocab_size,
+                           align=cfg.align_windows)
     run.train_loader = make_loader(run, "train", cfg.seed, cfg.gradient_accumulation_steps)
     if cfg.use_loss_mask and run.train_loader.data.mask_tokens == 0:
         raise DataError(f"{run.dataset_dir}: the train split's loss masks hold no 1 (mask_fraction "
@@ -435,10 +438,11 @@ def setup_training(run, ckpt):
 
 
 def make_loader(run, split, seed, accum=1):
-    """Random windows, or with packing rows of whole conversations (the same plan on every rank, each taking its
-    own rows; a packed row starts at a BOS, so nothing is prepended)."""
+    """Random windows (from any token, or with align_windows from a conversation's start), or with packing rows of
+    whole conversations (the same plan on every rank, each taking its own rows; a packed row starts at a BOS, so
+    nothing is prepended)."""
     if run.cfg.packing:
-        args = {k: v for k, v in run.loader_args.items() if k != "prepend_bos"}
+        args = {k: v for k, v in run.loader_args.items() if k not in ("prepend_bos", "align")}
         return PackedLoader(run.dataset_dir, split, seed=seed, rank=run.rank, world=run.world, accum=accum, **args)
     return BatchLoader(run.dataset_dir, split, seed=seed, rank=run.rank, **run.loader_args)
 

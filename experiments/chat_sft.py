@@ -186,6 +186,8 @@ def run(name, use_loss_mask, args, dataset_dir, heldout, base=None, packing=None
     overrides = {"model_name": name, "use_loss_mask": use_loss_mask, "out_dir": args.out_dir}
     if packing is not None:
         overrides["packing"] = packing
+        if packing:  # a packed row starts at a conversation already (a preset's align_windows would refuse it)
+            overrides["align_windows"] = False
     if base:
         overrides["init_from_model"] = base
     if dataset_dir:  # None: train.py's default, the shipped sample conversations (prepared on first use)

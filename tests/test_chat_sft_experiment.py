@@ -58,7 +58,7 @@ def test_experiment_runs_as_a_module_from_the_root(name):
 def test_packed_run_on_a_preset_that_already_packs_is_a_one_line_error(tmp_path):
     # a preset that packs: its masked run is the packed one, and --packed would only repeat it
     preset = json.load(open(os.path.join(ROOT, "configs", "quickstart_sft.json")))
-    (tmp_path / "packed.json").write_text(json.dumps({**preset, "packing": True}))
+    (tmp_path / "packed.json").write_text(json.dumps({**preset, "packing": True, "align_windows": False}))
     out = tmp_path / "ckpt"
     r = subprocess.run([sys.executable, "-m", "experiments.chat_sft", "--config_file", str(tmp_path / "packed.json"),
                         "--packed", "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,7 +1,9 @@
 """Packed whole-conversation training (packing: true): prepare_dataset.py records where every record starts; the
 packed loader's rows hold whole conversations, each attending only to itself with positions restarting at 0, so a
 conversation computes in a row exactly what it computes alone; epochs are real passes; resume is exact through
-train.py; gradient accumulation and DDP equal one big batch; BOS zero scales each conversation's own BOS."""
+train.py; gradient accumulation and DDP equal one big batch; BOS zero scales each conversation's own BOS.
+Aligned windows (align_windows: true), the random windows' sibling that reads the same starts: each window is the
+stream from a conversation's BOS on, its mask aligned with its targets, across shards, resumed exactly."""
 
 import json
 import os
@@ -17,7 +19,7 @@ import prepare_dataset
 import train
 from config import load_config
 from conftest import SAMPLE_CHAT, SHAKESPEARE, run_cli
-from data import BatchLoader, DataError, PackedLoader, Split
+from data import BatchLoader, DataError, PackedLoader, Split, read_starts
 from model import GPT, DocumentMask, GPTConfig, _flex_block_mask, flex_attention, packed_inputs
 from runtime import forward_backward
 
@@ -348,3 +350,64 @@ def test_bench_packing_counts_only_the_tokens_trained(small_chat):
     packed_s, windows_s = (r["samples"][k]["wall"][0] for k in ("packed", "random windows"))
     assert r["tokens_per_s"]["packed"] == pytest.approx(r["fill"] * 4 * 48 / packed_s)
     assert r["tokens_per_s"]["random windows"] == pytest.approx(4 * 48 / windows_s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aligned windows: random windows that start at a conversation's BOS
+
+@pytest.mark.parametrize("prepend_bos", [False, True])
+def test_aligned_windows_are_the_stream_from_a_conversation_start(small_chat, prepend_bos):
+    tokens, masks = stream(small_chat)
+    starts = read_starts(small_chat, "train", Split(small_chat, "train", use_mask=True))
+    bos = json.load(open(os.path.join(small_chat, "dataset_metadata.json")))["eot_token"]
+    T = 48
+    bounds = np.cumsum(Split(small_chat, "train", use_mask=True).lengths)[:-1]  # where one shard ends, the next begins
+    loader = BatchLoader(small_chat, "train", 8, T, use_mask=True, prepend_bos=prepend_bos, seed=3, align=True)
+    seen, crossed = set(), 0
+    for _ in range(25):
+        x, y, m = (t.numpy() for t in loader.get_batch())
+        for b in range(len(x)):
+            # the conversation whose BOS the window starts at: y is the stream after it, whatever prepend_bos does
+            a = next(a for a in starts if a + 1 + T <= len(tokens) and (tokens[a + 1:a + 1 + T] == y[b]).all())
+            assert tokens[a] == bos and x[b, 0] == bos  # every shipped conversation starts with its BOS
+            assert (x[b, 1:] == tokens[a + 1:a + T]).all()  # never a second BOS put in front of the record's own
+            assert (m[b] == masks[a + 1:a + 1 + T]).all()  # each target's mask, as unaligned windows have it
+            seen.add(a)
+            crossed += bool(((a < bounds) & (bounds <= a + T)).any())  # the window reads tokens a .. a + T
+    assert len(seen) > 30 and crossed  # many conversations, and windows that run across a shard boundary
+
+
+def test_aligned_windows_train_evaluate_and_resume_exactly(tmp_path, small_chat):
+    common = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, seed=7, batch_size=8, packing=False,
+                  align_windows=True)
+    summary, lines = run(tmp_path, small_chat, model_name="straight", **common)
+    run(tmp_path, small_chat, model_name="halves", **{**common, "max_iters": 4})
+    summary, lines = run(tmp_path, small_chat, model_name="halves", init_from="resume", **common)
+    straight, halves = step_losses(tmp_path, "straight"), step_losses(tmp_path, "halves")
+    assert len(straight) == 8 and straight == halves  # bit-identical, every step
+    # the setting is part of the run: resuming without it is refused
+    with pytest.raises(train.TrainError, match="'align_windows'"):
+        run(tmp_path, small_chat, model_name="halves", init_from="resume", **{**common, "align_windows": False})
+    # evaluation reads aligned windows too, so train and val losses measure the same thing
+    cfg = load_config(None, {**SMALL, **common, "dataset_dir": small_chat, "out_dir": str(tmp_path / "ev")})
+    r = train.setup(cfg, lambda *a: None)
+    x = train.make_loader(r, "val", 0).get_batch()[0]
+    assert (x[:, 0] == r.tok.eot_token).all()
+
+
+def test_aligned_windows_refuse_packing_and_old_datasets_in_one_line(tmp_path, small_chat):
+    from config import ConfigError
+    with pytest.raises(ConfigError, match="'align_windows' and 'packing' both set"):
+        load_config(None, {"align_windows": True, "packing": True})
+    import shutil
+    old = str(tmp_path / "old")
+    shutil.copytree(small_chat, old)
+    meta = json.load(open(os.path.join(old, "dataset_metadata.json")))
+    meta.pop("has_starts")
+    json.dump(meta, open(os.path.join(old, "dataset_metadata.json"), "w"))
+    r = run_cli("train.py", "--dataset_dir", old, "--align_windows", "true", "--out_dir", str(tmp_path / "ck"),
+                "--max_iters", "2", "--n_layer", "1", "--n_embd", "16", "--n_head", "1", "--device", "cpu")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "re-run prepare_dataset.py" in lines[0] and "align_windows" in lines[0]
+    assert not os.path.exists(tmp_path / "ck")  # refused before anything is written
