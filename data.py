@@ -96,10 +96,14 @@ class Split:
             self.mask_tokens = recorded if recorded is not None else int(sum(int(m.sum()) for m in self.masks))
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # where each shard begins in the split's stream
 
+    def shard_of(self, offset):
+        """The index of the shard holding the split stream's token at `offset`."""
+        return int(np.searchsorted(self.offsets, offset, side="right")) - 1
+
     def read(self, arrays, start, stop):
         """[start, stop) of the split's stream (the shards of `arrays`, self.tokens or self.masks, back to back):
         a packed conversation may run across a shard boundary."""
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        first = self.shard_of(start)
         parts = []
         while start < stop:
             end = min(stop, int(self.offsets[first + 1]))
@@ -148,8 +152,7 @@ class BatchLoader:
         toks = np.stack([self.data.read(self.data.tokens, i, i + self.span) for i in starts]).astype(np.int64)
         if toks.max() >= self.vocab_limit:
             bad = starts[int(np.argmax(toks.max(axis=1) >= self.vocab_limit))]
-            shard = int(np.searchsorted(self.data.offsets, bad, side="right")) - 1
-            raise DataError(f"{self.data.names[shard]}: token id {int(toks.max())} >= vocab_size "
+            raise DataError(f"{self.data.names[self.data.shard_of(bad)]}: token id {int(toks.max())} >= vocab_size "
                             f"{self.vocab_limit}: the shard was made with another tokenizer; re-run prepare_dataset.py")
         if self.prepend_bos:
             x = np.concatenate([np.full((self.batch_size, 1), self.bos_token, dtype=np.int64), toks[:, :-1]], axis=1)
@@ -204,18 +207,16 @@ def read_starts(dataset_dir, split, data):
 
 def aligned_starts(dataset_dir, split, data, span, prepend_bos, bos_token):
     """Where the aligned windows of BatchLoader(align=True) may start: each conversation's (or document's) start
-    offset in the split's stream, whose token is its BOS (the stream's first record may have none), keeping those
-    with a whole window of `span` tokens after them. With prepend_bos the loader puts a BOS in front itself, so a
-    window starts one token later, after the record's own BOS: never two BOS in a row.
+    offset in the split's stream, whose token is its BOS (the stream's first record may have none, as
+    PackedLoader checks), keeping those with a whole window of `span` tokens after them. With prepend_bos the loader
+    puts a BOS in front itself, so a window starts one token later, after the record's own BOS: never two in a row.
     Why: a random window starts inside a conversation about half the time, and the answers of that first, cut
     conversation are trained without their question, which is noise for a model that must copy from it."""
     starts = read_starts(dataset_dir, split, data)
     if prepend_bos:
-        shard = np.searchsorted(data.offsets, starts, side="right") - 1
-        first = np.empty(len(starts), dtype=np.int64)  # each record's first token, shard by shard
-        for k, tokens in enumerate(data.tokens):
-            first[shard == k] = tokens[starts[shard == k] - data.offsets[k]]
-        starts = starts + (first == bos_token)
+        first_has_bos = int(data.read(data.tokens, 0, 1)[0]) == bos_token
+        starts = starts + 1
+        starts[0] -= not first_has_bos  # a first record without a BOS starts at its first token
     starts = starts[starts + span <= data.num_tokens]
     if len(starts) == 0:
         raise DataError(f"{dataset_dir}/{split}: no conversation starts with the {span} tokens after it that a "

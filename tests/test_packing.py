@@ -358,10 +358,11 @@ def test_bench_packing_counts_only_the_tokens_trained(small_chat):
 @pytest.mark.parametrize("prepend_bos", [False, True])
 def test_aligned_windows_are_the_stream_from_a_conversation_start(small_chat, prepend_bos):
     tokens, masks = stream(small_chat)
-    starts = read_starts(small_chat, "train", Split(small_chat, "train", use_mask=True))
-    bos = json.load(open(os.path.join(small_chat, "dataset_metadata.json")))["eot_token"]
+    data = Split(small_chat, "train", use_mask=True)
+    starts = read_starts(small_chat, "train", data)
+    bos = data.meta["eot_token"]
     T = 48
-    bounds = np.cumsum(Split(small_chat, "train", use_mask=True).lengths)[:-1]  # where one shard ends, the next begins
+    bounds = data.offsets[1:-1]  # where one shard ends, the next begins
     loader = BatchLoader(small_chat, "train", 8, T, use_mask=True, prepend_bos=prepend_bos, seed=3, align=True)
     seen, crossed = set(), 0
     for _ in range(25):
