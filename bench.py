@@ -66,7 +66,7 @@ SECTIONS = ("prepare", "loader", "convert", "train_tiny", "train_124m", "packing
             "lora_memory")
 NO_MODEL_SECTIONS = ("prepare", "loader", "convert")  # run first, before the malloc setting of the others (main)
 # opt-in: nanoGPT's classic run against its own train.py (needs --nanogpt_dir, ~10 min), torch.compile on CPU (slow
-# to compile), activation checkpointing at block 1024 (~15 min), GPU only
+# to compile), activation checkpointing at block 1024 (12 min on 2 AVX2 cores), GPU only
 EXTRA_SECTIONS = ("classic", "compile_tiny", "act_ckpt", "train_gpu")
 REFERENCE_TOKENS_PER_S = 15_600  # a straightforward PyTorch GPT-2 at the tiny shape here (../shared/README.md)
 TINY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)  # nanoGPT's shakespeare_char CPU shape
@@ -1186,7 +1186,7 @@ def section_act_ckpt(ws, args):
     backward at block 1024, with and without, fp32 (where the two losses must agree), each with train.py's CPU
     malloc setting for it (runtime.keep_freed_memory: large blocks mapped apart with checkpointing). Memory: one
     fresh process per figure (weights and gradients included). Speed: both in the "without" process, after its
-    memory step, one warm step each (a step here is minutes: one repeat). ~15 min on one thread."""
+    memory step, one warm step each (a step here is minutes: one repeat). 12 min on 2 AVX2 cores, 20 on one thread."""
     rows, res = [], {}
     for name, (shape, _, B) in act_ckpt_shapes().items():
         spec = {"kind": "act_ckpt", "shape": name, "time": False}
